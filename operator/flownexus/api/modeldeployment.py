@@ -1,0 +1,198 @@
+"""ModelDeployment: a TorchServe-served model, autoscaled, with Prometheus-gated canary rollouts."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from .common import ApiModel, CelRule, Condition, Name, ObjectRef, ResourceRequirements, StatusModel
+
+DEFAULT_CANARY_STEPS = [5, 15, 25, 35, 45, 55, 65, 75, 85, 95]
+
+
+class ModelSource(ApiModel):
+    """Which model to serve: a Validated TrainingJob's archive, or an archive path."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {"rule": "has(self.trainingJobRef) != has(self.archivePath)",
+         "message": "set exactly one of trainingJobRef and archivePath"},
+    ]
+
+    training_job_ref: ObjectRef | None = Field(
+        default=None, description="Serve this TrainingJob's archive; only once it is Validated."
+    )
+    archive_path: str | None = Field(
+        default=None, max_length=1024, pattern=r"^[^/].*\.mar$",
+        description="A .mar archive, relative to the artifact store root.",
+    )
+    version: str = Field(
+        min_length=1, max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]*$",
+        description="Version of the model; changing it starts a canary rollout.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        if (self.training_job_ref is None) == (self.archive_path is None):
+            raise ValueError("set exactly one of trainingJobRef and archivePath")
+        return self
+
+
+class ServingSpec(ApiModel):
+    """TorchServe settings."""
+
+    batch_size: int = Field(default=32, ge=1, le=1024, description="TorchServe batchSize.")
+    max_batch_delay_ms: int = Field(default=100, ge=0, le=60_000, description="TorchServe maxBatchDelay (ms).")
+    workers_per_model: int = Field(default=1, ge=1, le=64, description="Python workers per model per pod.")
+    replicas: int = Field(
+        default=2, ge=0, le=1000,
+        description="Replicas when autoscaling is disabled; the HPA owns the count when it is enabled.",
+    )
+    resources: ResourceRequirements | None = Field(
+        default=None, description="Resources per pod; the NeuralCluster default when unset."
+    )
+    inference_token_secret: Name | None = Field(
+        default=None,
+        description="Require this Secret's `key` as a bearer token on the inference API; unset leaves it open "
+        "to the in-cluster clients the NetworkPolicy admits.",
+    )
+
+
+class AutoscalingSpec(ApiModel):
+    """The HorizontalPodAutoscaler of the stable version."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must be <= maxReplicas"},
+    ]
+
+    enabled: bool = Field(default=True, description="Create an HPA.")
+    min_replicas: int = Field(default=2, ge=1, le=1000, description="HPA minReplicas.")
+    max_replicas: int = Field(default=10, ge=1, le=1000, description="HPA maxReplicas.")
+    target_cpu_utilization: int = Field(default=70, ge=1, le=100, description="Average CPU utilization target (%).")
+    target_requests_per_second: float | None = Field(
+        default=None, gt=0.0, description="Also scale on requests per second per pod (needs a custom metrics API)."
+    )
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must be <= maxReplicas")
+        return self
+
+
+class AnalysisThresholds(ApiModel):
+    """What a healthy canary looks like, measured by Prometheus over the window."""
+
+    max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0, description="Highest share of 5xx responses.")
+    max_latency_p99_ms: float = Field(default=100.0, gt=0.0, description="Highest p99 latency in milliseconds.")
+    window: str = Field(
+        default="5m", pattern=r"^[0-9]+(s|m|h)$", description="PromQL range of each query, e.g. 1m, 5m."
+    )
+
+
+class RolloutSpec(ApiModel):
+    """How a new version rolls out."""
+
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        default_factory=lambda: list(DEFAULT_CANARY_STEPS),
+        min_length=1,
+        max_length=100,
+        description="Canary traffic weights in percent, strictly increasing, each in 1..100.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "set",
+            "x-kubernetes-validations": [
+                {"rule": "self.isSorted()", "message": "steps must be strictly increasing"},
+            ],
+        },
+    )
+    interval: str = Field(
+        default="1m", pattern=r"^[0-9]+(s|m|h)$", description="Time between analysis checks, e.g. 30s, 1m."
+    )
+    thresholds: AnalysisThresholds = Field(default_factory=AnalysisThresholds, description="Analysis thresholds.")
+    failed_checks_before_rollback: int = Field(
+        default=3, ge=1, le=100, description="Failed checks that trigger the rollback."
+    )
+
+    @model_validator(mode="after")
+    def _steps_increasing(self) -> RolloutSpec:
+        for weight in self.steps:
+            if not 1 <= weight <= 100:
+                raise ValueError(f"steps: each weight must be in 1..100, got {weight}")
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError(f"steps must be strictly increasing, got {self.steps}")
+        return self
+
+
+class ModelDeploymentSpec(ApiModel):
+    """Desired state of a ModelDeployment."""
+
+    cluster_ref: ObjectRef = Field(
+        description="The NeuralCluster that provides the server image, storage and Prometheus.",
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": "is immutable once the ModelDeployment exists"}]},
+    )
+    model: ModelSource = Field(description="The model and version to serve.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="TorchServe settings.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Autoscaling.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout of new versions.")
+
+
+ModelDeploymentPhase = Literal["Pending", "Available", "Progressing", "Canary", "Promoting", "RolledBack", "Failed"]
+
+
+class ServedVersion(StatusModel):
+    """One version being served."""
+
+    version: str = Field(description="Model version.")
+    training_job: str | None = Field(default=None, description="TrainingJob that produced it.")
+    archive: str | None = Field(default=None, description="Archive path in the artifact store.")
+    replicas: int | None = Field(default=None, description="Desired replicas.")
+    ready_replicas: int | None = Field(default=None, description="Replicas with the model loaded.")
+
+
+class CanaryState(ServedVersion):
+    """The version under analysis."""
+
+    weight: int = Field(default=0, description="Target traffic weight (%) of the current step.")
+    achieved_weight: float | None = Field(
+        default=None, description="Weight actually achieved by the replica ratio (%)."
+    )
+    step: int = Field(default=0, description="Index into spec.rollout.steps.")
+    failed_checks: int = Field(default=0, description="Failed analysis checks so far.")
+    step_started_at: str | None = Field(default=None, description="When the current step began (RFC 3339).")
+
+
+class AnalysisResult(StatusModel):
+    """The latest Prometheus analysis of the canary."""
+
+    time: str = Field(description="When it ran (RFC 3339).")
+    outcome: Literal["Passed", "Failed", "NoData"] = Field(description="Passed, Failed or NoData.")
+    error_rate: float | None = Field(default=None, description="Canary error rate.")
+    latency_p99_ms: float | None = Field(default=None, description="Canary p99 latency (ms).")
+    message: str | None = Field(default=None, description="Which threshold failed, or why there was no data.")
+
+
+class HistoryEntry(StatusModel):
+    """A version's life in this ModelDeployment (lineage)."""
+
+    version: str = Field(description="Model version.")
+    training_job: str | None = Field(default=None, description="TrainingJob that produced it.")
+    metrics: dict[str, float] | None = Field(default=None, description="Metrics at validation.")
+    outcome: Literal["Deployed", "Promoted", "RolledBack", "Retired"] = Field(description="What happened.")
+    at: str = Field(description="When (RFC 3339).")
+    reason: str | None = Field(default=None, description="Why.")
+
+
+class ModelDeploymentStatus(StatusModel):
+    """Observed state of a ModelDeployment."""
+
+    observed_generation: int | None = Field(default=None, description="Generation this status reflects.")
+    phase: ModelDeploymentPhase | None = Field(default=None, description="Where the rollout is.")
+    reason: str | None = Field(default=None, description="Why the deployment is in this phase.")
+    message: str | None = Field(default=None, description="Details for people.")
+    stable: ServedVersion | None = Field(default=None, description="The version taking most traffic.")
+    canary: CanaryState | None = Field(default=None, description="The version under analysis, if any.")
+    last_analysis: AnalysisResult | None = Field(default=None, description="Latest canary analysis.")
+    history: list[HistoryEntry] = Field(default_factory=list, description="Versions served, newest last.")
+    endpoint: str | None = Field(default=None, description="In-cluster prediction URL.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded.")

@@ -1,0 +1,117 @@
+"""NeuralCluster: the capacity, images and defaults that TrainingJobs and ModelDeployments use."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from .common import (
+    ApiModel,
+    CelRule,
+    Condition,
+    Name,
+    Placement,
+    Quantity,
+    ResourceRequirements,
+    StatusModel,
+)
+
+DEFAULT_TRAINER_IMAGE = "flownexus/trainer:0.1.0"
+DEFAULT_SERVER_IMAGE = "flownexus/server:0.1.0"
+
+
+class Images(ApiModel):
+    """Container images for the pods the operator creates."""
+
+    trainer: str = Field(
+        default=DEFAULT_TRAINER_IMAGE, min_length=1, max_length=512,
+        description="Image of the training and validator pods.",
+    )
+    server: str = Field(
+        default=DEFAULT_SERVER_IMAGE, min_length=1, max_length=512,
+        description="Image of the TorchServe pods.",
+    )
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="imagePullPolicy of every container the operator creates."
+    )
+
+
+class ArtifactStore(ApiModel):
+    """Where checkpoints, reports and model archives live: a PersistentVolumeClaim."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {
+            "rule": "has(self.existingClaim) || has(self.size)",
+            "message": "set existingClaim to adopt a PVC, or size to have one created",
+        },
+    ]
+
+    existing_claim: Name | None = Field(
+        default=None, description="Adopt this existing PVC instead of creating one."
+    )
+    size: Quantity | None = Field(default=None, description="Size of the PVC the operator creates, e.g. 5Gi.")
+    storage_class_name: str | None = Field(
+        default=None, max_length=253, description="StorageClass of the created PVC; empty uses the default."
+    )
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        default="ReadWriteMany",
+        description="Access mode of the created PVC; training workers and servers mount it together.",
+    )
+
+    @model_validator(mode="after")
+    def _claim_or_size(self) -> ArtifactStore:
+        if self.existing_claim is None and self.size is None:
+            raise ValueError("set existingClaim to adopt a PVC, or size to have one created")
+        return self
+
+
+class Limits(ApiModel):
+    """Capacity limits enforced by waiting, never by failing."""
+
+    max_concurrent_training_jobs: int = Field(
+        default=4, ge=1, le=1000, description="TrainingJobs running at once; more wait in Pending."
+    )
+    max_workers_per_job: int = Field(default=8, ge=1, le=512, description="Largest distributed.workers allowed.")
+
+
+class NeuralClusterSpec(ApiModel):
+    """Desired state of a NeuralCluster."""
+
+    images: Images = Field(default_factory=Images, description="Images of trainer, validator and server pods.")
+    artifact_store: ArtifactStore = Field(description="The PVC holding checkpoints, reports and archives.")
+    training: Placement = Field(default_factory=Placement, description="Placement of training pods.")
+    serving: Placement = Field(default_factory=Placement, description="Placement of serving pods.")
+    default_training_resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "500m", "memory": "1Gi"}, limits={"cpu": "2", "memory": "4Gi"}
+        ),
+        description="Resources of a training worker when the TrainingJob sets none.",
+    )
+    default_serving_resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "250m", "memory": "1Gi"}, limits={"cpu": "1", "memory": "2Gi"}
+        ),
+        description="Resources of a TorchServe pod when the ModelDeployment sets none.",
+    )
+    limits: Limits = Field(default_factory=Limits, description="Capacity limits.")
+    prometheus_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="Prometheus base URL for canary analysis, e.g. http://prometheus.monitoring.svc:9090.",
+    )
+
+
+NeuralClusterPhase = Literal["Pending", "Ready", "Failed"]
+
+
+class NeuralClusterStatus(StatusModel):
+    """Observed state of a NeuralCluster."""
+
+    observed_generation: int | None = Field(default=None, description="Generation this status reflects.")
+    phase: NeuralClusterPhase | None = Field(default=None, description="Pending, Ready or Failed.")
+    artifact_claim: str | None = Field(default=None, description="Name of the PVC in use.")
+    active_training_jobs: int = Field(default=0, description="TrainingJobs now running on this cluster.")
+    model_deployments: int = Field(default=0, description="ModelDeployments using this cluster.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready.")

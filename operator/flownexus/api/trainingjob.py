@@ -1,0 +1,332 @@
+"""TrainingJob: one distributed training run, then the validation gate that decides if it may be served."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from .common import ApiModel, CelRule, Condition, Name, ObjectRef, ResourceRequirements, StatusModel
+
+IMMUTABLE: CelRule = {"rule": "self == oldSelf", "message": "is immutable once the TrainingJob exists"}
+
+Architecture = Literal["mlp", "residual_mlp", "transformer", "lstm"]
+BuiltinDataset = Literal["digits", "iris", "wine", "breast_cancer"]
+# Env that the operator sets for torchrun; users may not override it.
+RESERVED_ENV = frozenset(
+    {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+     "NODE_RANK", "FLOWNEXUS_CONFIG", "FLOWNEXUS_ATTEMPT", "FLOWNEXUS_REPORT_STATUS"}
+)
+
+
+class ModelSpec(ApiModel):
+    """The network to train; sizes that do not apply to the architecture are ignored."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {"rule": "self.architecture != 'transformer' || self.dModel % self.numHeads == 0",
+         "message": "dModel must be divisible by numHeads for the transformer"},
+    ]
+
+    architecture: Architecture = Field(description="mlp, residual_mlp, transformer or lstm.")
+    hidden_sizes: list[int] = Field(
+        default_factory=lambda: [128, 64], min_length=1, max_length=16,
+        description="Widths of the hidden layers of the mlp.",
+    )
+    hidden_size: int = Field(default=128, ge=1, le=8192, description="Width of residual_mlp blocks and lstm.")
+    num_blocks: int = Field(default=2, ge=1, le=64, description="Residual blocks of residual_mlp.")
+    d_model: int = Field(default=32, ge=1, le=4096, description="Embedding width of the transformer.")
+    num_heads: int = Field(default=4, ge=1, le=64, description="Attention heads of the transformer.")
+    num_layers: int = Field(default=2, ge=1, le=48, description="Layers of the transformer or lstm.")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout probability.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.architecture == "transformer" and self.d_model % self.num_heads != 0:
+            raise ValueError("dModel must be divisible by numHeads for the transformer")
+        return self
+
+
+class SyntheticData(ApiModel):
+    """Shape of generated data when dataset.source is synthetic."""
+
+    samples: int = Field(default=2000, ge=10, le=10_000_000, description="Number of rows.")
+    features: int = Field(default=20, ge=1, le=100_000, description="Number of features.")
+    classes: int = Field(default=3, ge=2, le=10_000, description="Classes (classification only).")
+    noise: float = Field(default=0.1, ge=0.0, le=10.0, description="Label noise / regression noise.")
+
+
+class DatasetSpec(ApiModel):
+    """Where the data comes from and how it is split. Nothing is downloaded at run time."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {"rule": "self.source != 'builtin' || has(self.name)", "message": "name is required when source is builtin"},
+        {"rule": "self.source != 'file' || has(self.path)", "message": "path is required when source is file"},
+        {"rule": "self.source != 'builtin' || self.task == 'classification'",
+         "message": "the builtin datasets are classification tasks"},
+        {"rule": "self.validationFraction + self.testFraction < 0.9",
+         "message": "validationFraction + testFraction must leave at least 10% for training"},
+    ]
+
+    source: Literal["builtin", "synthetic", "file"] = Field(
+        default="builtin", description="builtin (scikit-learn's packaged data), synthetic, or a file."
+    )
+    name: BuiltinDataset | None = Field(default=None, description="The builtin dataset.")
+    path: str | None = Field(
+        default=None, max_length=1024, pattern=r"^[^/].*\.(csv|npz)$",
+        description="CSV or NPZ file, relative to the artifact store root.",
+    )
+    target_column: str = Field(default="target", max_length=256, description="Label column of a CSV file.")
+    task: Literal["classification", "regression"] = Field(
+        default="classification", description="classification or regression."
+    )
+    split: Literal["random", "temporal"] = Field(
+        default="random", description="random (stratified for classification) or temporal (keeps row order)."
+    )
+    validation_fraction: float = Field(default=0.15, gt=0.0, lt=0.9, description="Share held out for validation.")
+    test_fraction: float = Field(default=0.15, gt=0.0, lt=0.9, description="Share held out for the final test.")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed of splits, init and shuffling.")
+    synthetic: SyntheticData = Field(default_factory=SyntheticData, description="Shape of synthetic data.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        if self.source == "builtin" and self.name is None:
+            raise ValueError("name is required when source is builtin")
+        if self.source == "file" and self.path is None:
+            raise ValueError("path is required when source is file")
+        if self.source == "builtin" and self.task != "classification":
+            raise ValueError("the builtin datasets are classification tasks")
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError("validationFraction + testFraction must leave at least 10% for training")
+        return self
+
+
+class SchedulerSpec(ApiModel):
+    """Learning-rate schedule."""
+
+    type: Literal["cosine", "constant"] = Field(default="cosine", description="cosine (with warmup) or constant.")
+    warmup_epochs: int = Field(default=1, ge=0, le=1000, description="Epochs of linear warmup.")
+
+
+class EarlyStopping(ApiModel):
+    """Stop when validation loss stops improving."""
+
+    enabled: bool = Field(default=True, description="Whether early stopping is on.")
+    patience: int = Field(default=5, ge=1, le=1000, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0.0, description="Smallest decrease of val loss that counts.")
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {"rule": "self.scheduler.warmupEpochs < self.epochs", "message": "scheduler.warmupEpochs must be < epochs"},
+    ]
+
+    epochs: int = Field(default=30, ge=1, le=10_000, description="Maximum epochs.")
+    batch_size: int = Field(default=64, ge=1, le=65_536, description="Per-process batch size.")
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="adamw or sgd.")
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="Decoupled weight decay.")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="Momentum of sgd.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Learning-rate schedule.")
+    gradient_clip_norm: float | None = Field(
+        default=1.0, gt=0.0, description="Clip the global gradient norm to this value; unset disables clipping."
+    )
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping.")
+    checkpoint_every: int = Field(default=5, ge=1, le=10_000, description="Write a checkpoint every N epochs.")
+    mixed_precision: bool = Field(default=False, description="Automatic mixed precision; used on GPU only.")
+
+    @model_validator(mode="after")
+    def _warmup_shorter(self) -> TrainingSpec:
+        if self.scheduler.warmup_epochs >= self.epochs:
+            raise ValueError("scheduler.warmupEpochs must be < epochs")
+        return self
+
+
+class EnvVar(ApiModel):
+    """An extra environment variable for the training containers."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name.")
+    value: str = Field(default="", max_length=4096, description="Value.")
+
+
+class DistributedSpec(ApiModel):
+    """How many pods and processes train together."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {"rule": "self.backend != 'nccl' || self.gpusPerWorker > 0", "message": "backend nccl needs gpusPerWorker > 0"},
+        {"rule": "self.gpusPerWorker == 0 || self.gpusPerWorker >= self.procsPerWorker",
+         "message": "with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker"},
+        {"rule": "!has(self.env) || self.env.all(e, !(e.name in ['MASTER_ADDR', 'MASTER_PORT', 'RANK', "
+                 "'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'FLOWNEXUS_CONFIG', "
+                 "'FLOWNEXUS_ATTEMPT', 'FLOWNEXUS_REPORT_STATUS']))",
+         "message": "env may not set variables the operator owns (MASTER_ADDR, RANK, WORLD_SIZE, ...)"},
+    ]
+
+    workers: int = Field(default=1, ge=1, le=512, description="Worker pods (torchrun nodes).")
+    procs_per_worker: int = Field(default=1, ge=1, le=64, description="Processes per pod (torchrun nproc-per-node).")
+    gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per pod; 0 trains on CPU.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto", description="auto picks nccl with GPUs, gloo on CPU."
+    )
+    resources: ResourceRequirements | None = Field(
+        default=None, description="Resources per pod; the NeuralCluster default when unset."
+    )
+    env: list[EnvVar] | None = Field(default=None, max_length=64, description="Extra environment variables.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSpec:
+        if self.backend == "nccl" and self.gpus_per_worker == 0:
+            raise ValueError("backend nccl needs gpusPerWorker > 0")
+        if self.gpus_per_worker and self.gpus_per_worker < self.procs_per_worker:
+            raise ValueError("with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker")
+        reserved = sorted({e.name for e in self.env or []} & RESERVED_ENV)
+        if reserved:
+            raise ValueError(f"env may not set variables the operator owns: {', '.join(reserved)}")
+        return self
+
+
+class RunPolicy(ApiModel):
+    """Lifecycle rules, as users know them from Kubernetes Jobs."""
+
+    max_restarts: int = Field(default=3, ge=0, le=100, description="Whole-gang restarts before Failed.")
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the TrainingJob when it has run longer than this."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished TrainingJob after this many seconds."
+    )
+    suspend: bool = Field(default=False, description="Stop the pods (keeping checkpoints) until unset.")
+
+
+class ValidationThresholds(ApiModel):
+    """The gate: a model is served only when every threshold holds."""
+
+    min_accuracy: float = Field(default=0.85, ge=0.0, le=1.0, description="Minimum test accuracy (classification).")
+    max_latency_p95_ms: float = Field(
+        default=100.0, gt=0.0, description="Maximum p95 single-sample inference latency in milliseconds."
+    )
+    max_train_val_gap: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Maximum train minus validation accuracy (overfitting)."
+    )
+    require_convergence: bool = Field(default=True, description="Require the validation loss to have converged.")
+    max_rmse: float | None = Field(default=None, gt=0.0, description="Maximum test RMSE (regression).")
+    min_r2: float | None = Field(default=None, le=1.0, description="Minimum test R² (regression).")
+
+
+class ExportSpec(ApiModel):
+    """What the validator writes when the model passes."""
+
+    model_name: Name | None = Field(default=None, description="Model name in TorchServe; the TrainingJob name when unset.")
+    version: str = Field(
+        default="1.0.0", max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]*$", description="Model version."
+    )
+    torchscript: bool = Field(default=False, description="Also export TorchScript.")
+    onnx: bool = Field(default=False, description="Also export ONNX (needs the onnx package in the image).")
+    quantize_int8: bool = Field(default=False, description="Also export a dynamically int8-quantized model.")
+
+
+class TrainingJobSpec(ApiModel):
+    """Desired state of a TrainingJob. Everything but runPolicy is fixed once the job exists."""
+
+    cluster_ref: ObjectRef = Field(
+        description="The NeuralCluster that provides images, storage and limits.",
+        json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
+    )
+    model: ModelSpec = Field(description="The network.", json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]})
+    dataset: DatasetSpec = Field(
+        description="The data.",
+        json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
+    )
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="Optimisation.",
+        json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Pods and processes.",
+        json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
+    )
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, suspend.")
+    validation: ValidationThresholds = Field(
+        default_factory=ValidationThresholds, description="Thresholds of the validation gate.",
+        json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
+    )
+    output: ExportSpec = Field(
+        default_factory=ExportSpec, description="Name, version and export formats.",
+        json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
+    )
+
+
+TrainingJobPhase = Literal[
+    "Pending", "Created", "Running", "Restarting", "Validating", "Succeeded", "Failed", "Suspended"
+]
+
+
+class EpochMetrics(StatusModel):
+    """Metrics of one epoch, reported by rank 0."""
+
+    epoch: int = Field(default=0, description="Epochs completed.")
+    total_epochs: int | None = Field(default=None, description="Planned epochs.")
+    loss: float | None = Field(default=None, description="Training loss.")
+    accuracy: float | None = Field(default=None, description="Training accuracy.")
+    val_loss: float | None = Field(default=None, description="Validation loss.")
+    val_accuracy: float | None = Field(default=None, description="Validation accuracy.")
+    rmse: float | None = Field(default=None, description="Validation RMSE (regression).")
+    r2: float | None = Field(default=None, description="Validation R² (regression).")
+    learning_rate: float | None = Field(default=None, description="Learning rate.")
+    grad_norm: float | None = Field(default=None, description="Global gradient norm before clipping.")
+    samples_per_second: float | None = Field(default=None, description="Training throughput.")
+    attempt: int | None = Field(default=None, description="Attempt that produced these metrics.")
+    updated_at: str | None = Field(default=None, description="When rank 0 reported them (RFC 3339).")
+
+
+class CheckpointRef(StatusModel):
+    """The latest complete checkpoint."""
+
+    epoch: int = Field(description="Epoch the checkpoint holds.")
+    path: str = Field(description="Path in the artifact store.")
+
+
+class ValidationResult(StatusModel):
+    """What the validator measured and decided."""
+
+    passed: bool = Field(description="True when every threshold held.")
+    accuracy: float | None = Field(default=None, description="Test accuracy.")
+    rmse: float | None = Field(default=None, description="Test RMSE.")
+    r2: float | None = Field(default=None, description="Test R².")
+    latency_p50_ms: float | None = Field(default=None, description="p50 single-sample latency (ms).")
+    latency_p95_ms: float | None = Field(default=None, description="p95 single-sample latency (ms).")
+    latency_p99_ms: float | None = Field(default=None, description="p99 single-sample latency (ms).")
+    train_val_gap: float | None = Field(default=None, description="Train minus validation accuracy.")
+    converged: bool | None = Field(default=None, description="Whether validation loss converged.")
+    failed_thresholds: list[str] = Field(default_factory=list, description="Every threshold that failed, named.")
+
+
+class Artifacts(StatusModel):
+    """Paths in the artifact store."""
+
+    model_archive: str | None = Field(default=None, description="TorchServe .mar archive.")
+    report: str | None = Field(default=None, description="report.md with the training curves.")
+    metadata: str | None = Field(default=None, description="metadata.json (lineage).")
+    metrics: str | None = Field(default=None, description="metrics.jsonl, one line per epoch.")
+
+
+class TrainingJobStatus(StatusModel):
+    """Observed state of a TrainingJob."""
+
+    observed_generation: int | None = Field(default=None, description="Generation this status reflects.")
+    phase: TrainingJobPhase | None = Field(default=None, description="Where the job is in its life.")
+    reason: str | None = Field(default=None, description="Why the job is in this phase.")
+    message: str | None = Field(default=None, description="Details for people.")
+    attempt: int = Field(default=0, description="Current attempt (1 = first run).")
+    progress: EpochMetrics | None = Field(default=None, description="Live metrics of the latest epoch.")
+    best_metrics: EpochMetrics | None = Field(default=None, description="Metrics of the best epoch.")
+    latest_checkpoint: CheckpointRef | None = Field(default=None, description="Latest complete checkpoint.")
+    validation: ValidationResult | None = Field(default=None, description="Verdict of the validator.")
+    artifacts: Artifacts | None = Field(default=None, description="Paths of what the job produced.")
+    start_time: str | None = Field(default=None, description="When the first attempt started.")
+    completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Created, Running, Restarting, Trained, Validated, Succeeded, Failed, Suspended.",
+    )
