@@ -43,7 +43,9 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return found
 
 
-def _registry(model: type[BaseModel], seen: dict[str, type[BaseModel]] | None = None) -> dict[str, type[BaseModel]]:
+def _registry(
+    model: type[BaseModel], seen: dict[str, type[BaseModel]] | None = None
+) -> dict[str, type[BaseModel]]:
     """Every model reachable from ``model``, by class name (the key pydantic uses in $defs)."""
     seen = {} if seen is None else seen
     if model.__name__ in seen:
@@ -98,7 +100,12 @@ class _Converter:
             node = self._any_of(node)
             if "$ref" in node:
                 return self._node(node)
-        if model is None and "title" in node and node.get("type") == "object" and node["title"] in self.models:
+        if (
+            model is None
+            and "title" in node
+            and node.get("type") == "object"
+            and node["title"] in self.models
+        ):
             model = self.models[node["title"]]
         out: Schema = {}
         for key, value in node.items():
@@ -131,7 +138,10 @@ class _Converter:
     @staticmethod
     def _any_of(node: Schema) -> Schema:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
-        if node.get("x-kubernetes-int-or-string") or {o.get("type") for o in options} == {"string", "integer"}:
+        if node.get("x-kubernetes-int-or-string") or {o.get("type") for o in options} == {
+            "string",
+            "integer",
+        }:
             node["x-kubernetes-int-or-string"] = True
             return node
         if len(options) != 1:
@@ -180,8 +190,13 @@ def openapi_schema(kind: Kind) -> Schema:
 def build_crd(kind: Kind) -> Schema:
     """The CustomResourceDefinition manifest of one kind."""
     columns = [
-        {"name": c.name, "type": c.type, "jsonPath": c.json_path, "description": c.description,
-         **({"priority": c.priority} if c.priority else {})}
+        {
+            "name": c.name,
+            "type": c.type,
+            "jsonPath": c.json_path,
+            "description": c.description,
+            **({"priority": c.priority} if c.priority else {}),
+        }
         for c in kind.columns
     ]
     return {
@@ -226,7 +241,9 @@ def render(kind: Kind) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=Path("crds"), help="directory to write <plural>.yaml into")
+    parser.add_argument(
+        "--out", type=Path, default=Path("crds"), help="directory to write <plural>.yaml into"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:

@@ -39,8 +39,12 @@ class Kind:
 AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp", "Time since creation.")
 
 NEURAL_CLUSTER = Kind(
-    kind="NeuralCluster", plural="neuralclusters", singular="neuralcluster", short_names=("nc",),
-    spec=NeuralClusterSpec, status=NeuralClusterStatus,
+    kind="NeuralCluster",
+    plural="neuralclusters",
+    singular="neuralcluster",
+    short_names=("nc",),
+    spec=NeuralClusterSpec,
+    status=NeuralClusterStatus,
     description="Capacity, images, artifact storage and defaults for TrainingJobs and ModelDeployments.",
     columns=(
         PrinterColumn("Phase", "string", ".status.phase", "Pending, Ready or Failed."),
@@ -51,8 +55,12 @@ NEURAL_CLUSTER = Kind(
     ),
 )
 TRAINING_JOB = Kind(
-    kind="TrainingJob", plural="trainingjobs", singular="trainingjob", short_names=("tj",),
-    spec=TrainingJobSpec, status=TrainingJobStatus,
+    kind="TrainingJob",
+    plural="trainingjobs",
+    singular="trainingjob",
+    short_names=("tj",),
+    spec=TrainingJobSpec,
+    status=TrainingJobStatus,
     description="A distributed PyTorch training run followed by a validation gate.",
     columns=(
         PrinterColumn("Phase", "string", ".status.phase", "Where the job is in its life."),
@@ -60,14 +68,20 @@ TRAINING_JOB = Kind(
         PrinterColumn("Epoch", "integer", ".status.progress.epoch", "Epochs completed."),
         PrinterColumn("Epochs", "integer", ".spec.training.epochs", "Planned epochs.", priority=1),
         PrinterColumn("Val-Acc", "number", ".status.progress.valAccuracy", "Validation accuracy, live."),
-        PrinterColumn("Test-Acc", "number", ".status.validation.accuracy", "Test accuracy from the validator."),
+        PrinterColumn(
+            "Test-Acc", "number", ".status.validation.accuracy", "Test accuracy from the validator."
+        ),
         PrinterColumn("Reason", "string", ".status.reason", "Why it is in this phase.", priority=1),
         AGE,
     ),
 )
 MODEL_DEPLOYMENT = Kind(
-    kind="ModelDeployment", plural="modeldeployments", singular="modeldeployment", short_names=("mdep",),
-    spec=ModelDeploymentSpec, status=ModelDeploymentStatus,
+    kind="ModelDeployment",
+    plural="modeldeployments",
+    singular="modeldeployment",
+    short_names=("mdep",),
+    spec=ModelDeploymentSpec,
+    status=ModelDeploymentStatus,
     description="A TorchServe-served model with autoscaling and Prometheus-gated canary rollouts.",
     columns=(
         PrinterColumn("Stable", "string", ".status.stable.version", "Version taking most traffic."),

@@ -15,19 +15,25 @@ class ModelSource(ApiModel):
     """Which model to serve: a Validated TrainingJob's archive, or an archive path."""
 
     cel_rules: ClassVar[list[CelRule]] = [
-        {"rule": "has(self.trainingJobRef) != has(self.archivePath)",
-         "message": "set exactly one of trainingJobRef and archivePath"},
+        {
+            "rule": "has(self.trainingJobRef) != has(self.archivePath)",
+            "message": "set exactly one of trainingJobRef and archivePath",
+        },
     ]
 
     training_job_ref: ObjectRef | None = Field(
         default=None, description="Serve this TrainingJob's archive; only once it is Validated."
     )
     archive_path: str | None = Field(
-        default=None, max_length=1024, pattern=r"^[^/].*\.mar$",
+        default=None,
+        max_length=1024,
+        pattern=r"^[^/].*\.mar$",
         description="A .mar archive, relative to the artifact store root.",
     )
     version: str = Field(
-        min_length=1, max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]*$",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]*$",
         description="Version of the model; changing it starts a canary rollout.",
     )
 
@@ -42,10 +48,14 @@ class ServingSpec(ApiModel):
     """TorchServe settings."""
 
     batch_size: int = Field(default=32, ge=1, le=1024, description="TorchServe batchSize.")
-    max_batch_delay_ms: int = Field(default=100, ge=0, le=60_000, description="TorchServe maxBatchDelay (ms).")
+    max_batch_delay_ms: int = Field(
+        default=100, ge=0, le=60_000, description="TorchServe maxBatchDelay (ms)."
+    )
     workers_per_model: int = Field(default=1, ge=1, le=64, description="Python workers per model per pod.")
     replicas: int = Field(
-        default=2, ge=0, le=1000,
+        default=2,
+        ge=0,
+        le=1000,
         description="Replicas when autoscaling is disabled; the HPA owns the count when it is enabled.",
     )
     resources: ResourceRequirements | None = Field(
@@ -68,9 +78,13 @@ class AutoscalingSpec(ApiModel):
     enabled: bool = Field(default=True, description="Create an HPA.")
     min_replicas: int = Field(default=2, ge=1, le=1000, description="HPA minReplicas.")
     max_replicas: int = Field(default=10, ge=1, le=1000, description="HPA maxReplicas.")
-    target_cpu_utilization: int = Field(default=70, ge=1, le=100, description="Average CPU utilization target (%).")
+    target_cpu_utilization: int = Field(
+        default=70, ge=1, le=100, description="Average CPU utilization target (%)."
+    )
     target_requests_per_second: float | None = Field(
-        default=None, gt=0.0, description="Also scale on requests per second per pod (needs a custom metrics API)."
+        default=None,
+        gt=0.0,
+        description="Also scale on requests per second per pod (needs a custom metrics API).",
     )
 
     @model_validator(mode="after")
@@ -84,7 +98,9 @@ class AnalysisThresholds(ApiModel):
     """What a healthy canary looks like, measured by Prometheus over the window."""
 
     max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0, description="Highest share of 5xx responses.")
-    max_latency_p99_ms: float = Field(default=100.0, gt=0.0, description="Highest p99 latency in milliseconds.")
+    max_latency_p99_ms: float = Field(
+        default=100.0, gt=0.0, description="Highest p99 latency in milliseconds."
+    )
     window: str = Field(
         default="5m", pattern=r"^[0-9]+(s|m|h)$", description="PromQL range of each query, e.g. 1m, 5m."
     )
@@ -108,7 +124,9 @@ class RolloutSpec(ApiModel):
     interval: str = Field(
         default="1m", pattern=r"^[0-9]+(s|m|h)$", description="Time between analysis checks, e.g. 30s, 1m."
     )
-    thresholds: AnalysisThresholds = Field(default_factory=AnalysisThresholds, description="Analysis thresholds.")
+    thresholds: AnalysisThresholds = Field(
+        default_factory=AnalysisThresholds, description="Analysis thresholds."
+    )
     failed_checks_before_rollback: int = Field(
         default=3, ge=1, le=100, description="Failed checks that trigger the rollback."
     )
@@ -128,8 +146,11 @@ class ModelDeploymentSpec(ApiModel):
 
     cluster_ref: ObjectRef = Field(
         description="The NeuralCluster that provides the server image, storage and Prometheus.",
-        json_schema_extra={"x-kubernetes-validations": [
-            {"rule": "self == oldSelf", "message": "is immutable once the ModelDeployment exists"}]},
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "is immutable once the ModelDeployment exists"}
+            ]
+        },
     )
     model: ModelSource = Field(description="The model and version to serve.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="TorchServe settings.")
@@ -137,7 +158,9 @@ class ModelDeploymentSpec(ApiModel):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout of new versions.")
 
 
-ModelDeploymentPhase = Literal["Pending", "Available", "Progressing", "Canary", "Promoting", "RolledBack", "Failed"]
+ModelDeploymentPhase = Literal[
+    "Pending", "Available", "Progressing", "Canary", "Promoting", "RolledBack", "Failed"
+]
 
 
 class ServedVersion(StatusModel):

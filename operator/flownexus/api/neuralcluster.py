@@ -25,11 +25,15 @@ class Images(ApiModel):
     """Container images for the pods the operator creates."""
 
     trainer: str = Field(
-        default=DEFAULT_TRAINER_IMAGE, min_length=1, max_length=512,
+        default=DEFAULT_TRAINER_IMAGE,
+        min_length=1,
+        max_length=512,
         description="Image of the training and validator pods.",
     )
     server: str = Field(
-        default=DEFAULT_SERVER_IMAGE, min_length=1, max_length=512,
+        default=DEFAULT_SERVER_IMAGE,
+        min_length=1,
+        max_length=512,
         description="Image of the TorchServe pods.",
     )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
@@ -72,13 +76,17 @@ class Limits(ApiModel):
     max_concurrent_training_jobs: int = Field(
         default=4, ge=1, le=1000, description="TrainingJobs running at once; more wait in Pending."
     )
-    max_workers_per_job: int = Field(default=8, ge=1, le=512, description="Largest distributed.workers allowed.")
+    max_workers_per_job: int = Field(
+        default=8, ge=1, le=512, description="Largest distributed.workers allowed."
+    )
 
 
 class NeuralClusterSpec(ApiModel):
     """Desired state of a NeuralCluster."""
 
-    images: Images = Field(default_factory=Images, description="Images of trainer, validator and server pods.")
+    images: Images = Field(
+        default_factory=Images, description="Images of trainer, validator and server pods."
+    )
     artifact_store: ArtifactStore = Field(description="The PVC holding checkpoints, reports and archives.")
     training: Placement = Field(default_factory=Placement, description="Placement of training pods.")
     serving: Placement = Field(default_factory=Placement, description="Placement of serving pods.")

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from .common import ApiModel, CelRule, Condition, Name, ObjectRef, ResourceRequirements, StatusModel
 
-IMMUTABLE: CelRule = {"rule": "self == oldSelf", "message": "is immutable once the TrainingJob exists"}
+IMMUTABLE: Any = {"rule": "self == oldSelf", "message": "is immutable once the TrainingJob exists"}
 
 Architecture = Literal["mlp", "residual_mlp", "transformer", "lstm"]
 BuiltinDataset = Literal["digits", "iris", "wine", "breast_cancer"]
 # Env that the operator sets for torchrun; users may not override it.
 RESERVED_ENV = frozenset(
-    {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-     "NODE_RANK", "FLOWNEXUS_CONFIG", "FLOWNEXUS_ATTEMPT", "FLOWNEXUS_REPORT_STATUS"}
+    {
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "FLOWNEXUS_CONFIG",
+        "FLOWNEXUS_ATTEMPT",
+        "FLOWNEXUS_REPORT_STATUS",
+    }
 )
 
 
@@ -23,13 +33,17 @@ class ModelSpec(ApiModel):
     """The network to train; sizes that do not apply to the architecture are ignored."""
 
     cel_rules: ClassVar[list[CelRule]] = [
-        {"rule": "self.architecture != 'transformer' || self.dModel % self.numHeads == 0",
-         "message": "dModel must be divisible by numHeads for the transformer"},
+        {
+            "rule": "self.architecture != 'transformer' || self.dModel % self.numHeads == 0",
+            "message": "dModel must be divisible by numHeads for the transformer",
+        },
     ]
 
     architecture: Architecture = Field(description="mlp, residual_mlp, transformer or lstm.")
     hidden_sizes: list[int] = Field(
-        default_factory=lambda: [128, 64], min_length=1, max_length=16,
+        default_factory=lambda: [128, 64],
+        min_length=1,
+        max_length=16,
         description="Widths of the hidden layers of the mlp.",
     )
     hidden_size: int = Field(default=128, ge=1, le=8192, description="Width of residual_mlp blocks and lstm.")
@@ -59,12 +73,22 @@ class DatasetSpec(ApiModel):
     """Where the data comes from and how it is split. Nothing is downloaded at run time."""
 
     cel_rules: ClassVar[list[CelRule]] = [
-        {"rule": "self.source != 'builtin' || has(self.name)", "message": "name is required when source is builtin"},
-        {"rule": "self.source != 'file' || has(self.path)", "message": "path is required when source is file"},
-        {"rule": "self.source != 'builtin' || self.task == 'classification'",
-         "message": "the builtin datasets are classification tasks"},
-        {"rule": "self.validationFraction + self.testFraction < 0.9",
-         "message": "validationFraction + testFraction must leave at least 10% for training"},
+        {
+            "rule": "self.source != 'builtin' || has(self.name)",
+            "message": "name is required when source is builtin",
+        },
+        {
+            "rule": "self.source != 'file' || has(self.path)",
+            "message": "path is required when source is file",
+        },
+        {
+            "rule": "self.source != 'builtin' || self.task == 'classification'",
+            "message": "the builtin datasets are classification tasks",
+        },
+        {
+            "rule": "self.validationFraction + self.testFraction < 0.9",
+            "message": "validationFraction + testFraction must leave at least 10% for training",
+        },
     ]
 
     source: Literal["builtin", "synthetic", "file"] = Field(
@@ -72,7 +96,9 @@ class DatasetSpec(ApiModel):
     )
     name: BuiltinDataset | None = Field(default=None, description="The builtin dataset.")
     path: str | None = Field(
-        default=None, max_length=1024, pattern=r"^[^/].*\.(csv|npz)$",
+        default=None,
+        max_length=1024,
+        pattern=r"^[^/].*\.(csv|npz)$",
         description="CSV or NPZ file, relative to the artifact store root.",
     )
     target_column: str = Field(default="target", max_length=256, description="Label column of a CSV file.")
@@ -82,8 +108,12 @@ class DatasetSpec(ApiModel):
     split: Literal["random", "temporal"] = Field(
         default="random", description="random (stratified for classification) or temporal (keeps row order)."
     )
-    validation_fraction: float = Field(default=0.15, gt=0.0, lt=0.9, description="Share held out for validation.")
-    test_fraction: float = Field(default=0.15, gt=0.0, lt=0.9, description="Share held out for the final test.")
+    validation_fraction: float = Field(
+        default=0.15, gt=0.0, lt=0.9, description="Share held out for validation."
+    )
+    test_fraction: float = Field(
+        default=0.15, gt=0.0, lt=0.9, description="Share held out for the final test."
+    )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed of splits, init and shuffling.")
     synthetic: SyntheticData = Field(default_factory=SyntheticData, description="Shape of synthetic data.")
 
@@ -103,7 +133,9 @@ class DatasetSpec(ApiModel):
 class SchedulerSpec(ApiModel):
     """Learning-rate schedule."""
 
-    type: Literal["cosine", "constant"] = Field(default="cosine", description="cosine (with warmup) or constant.")
+    type: Literal["cosine", "constant"] = Field(
+        default="cosine", description="cosine (with warmup) or constant."
+    )
     warmup_epochs: int = Field(default=1, ge=0, le=1000, description="Epochs of linear warmup.")
 
 
@@ -119,7 +151,10 @@ class TrainingSpec(ApiModel):
     """Optimisation settings."""
 
     cel_rules: ClassVar[list[CelRule]] = [
-        {"rule": "self.scheduler.warmupEpochs < self.epochs", "message": "scheduler.warmupEpochs must be < epochs"},
+        {
+            "rule": "self.scheduler.warmupEpochs < self.epochs",
+            "message": "scheduler.warmupEpochs must be < epochs",
+        },
     ]
 
     epochs: int = Field(default=30, ge=1, le=10_000, description="Maximum epochs.")
@@ -130,10 +165,14 @@ class TrainingSpec(ApiModel):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="Momentum of sgd.")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Learning-rate schedule.")
     gradient_clip_norm: float | None = Field(
-        default=1.0, gt=0.0, description="Clip the global gradient norm to this value; unset disables clipping."
+        default=1.0,
+        gt=0.0,
+        description="Clip the global gradient norm to this value; unset disables clipping.",
     )
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping.")
-    checkpoint_every: int = Field(default=5, ge=1, le=10_000, description="Write a checkpoint every N epochs.")
+    checkpoint_every: int = Field(
+        default=5, ge=1, le=10_000, description="Write a checkpoint every N epochs."
+    )
     mixed_precision: bool = Field(default=False, description="Automatic mixed precision; used on GPU only.")
 
     @model_validator(mode="after")
@@ -154,17 +193,26 @@ class DistributedSpec(ApiModel):
     """How many pods and processes train together."""
 
     cel_rules: ClassVar[list[CelRule]] = [
-        {"rule": "self.backend != 'nccl' || self.gpusPerWorker > 0", "message": "backend nccl needs gpusPerWorker > 0"},
-        {"rule": "self.gpusPerWorker == 0 || self.gpusPerWorker >= self.procsPerWorker",
-         "message": "with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker"},
-        {"rule": "!has(self.env) || self.env.all(e, !(e.name in ['MASTER_ADDR', 'MASTER_PORT', 'RANK', "
-                 "'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'FLOWNEXUS_CONFIG', "
-                 "'FLOWNEXUS_ATTEMPT', 'FLOWNEXUS_REPORT_STATUS']))",
-         "message": "env may not set variables the operator owns (MASTER_ADDR, RANK, WORLD_SIZE, ...)"},
+        {
+            "rule": "self.backend != 'nccl' || self.gpusPerWorker > 0",
+            "message": "backend nccl needs gpusPerWorker > 0",
+        },
+        {
+            "rule": "self.gpusPerWorker == 0 || self.gpusPerWorker >= self.procsPerWorker",
+            "message": "with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker",
+        },
+        {
+            "rule": "!has(self.env) || self.env.all(e, !(e.name in ['MASTER_ADDR', 'MASTER_PORT', 'RANK', "
+            "'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'FLOWNEXUS_CONFIG', "
+            "'FLOWNEXUS_ATTEMPT', 'FLOWNEXUS_REPORT_STATUS']))",
+            "message": "env may not set variables the operator owns (MASTER_ADDR, RANK, WORLD_SIZE, ...)",
+        },
     ]
 
     workers: int = Field(default=1, ge=1, le=512, description="Worker pods (torchrun nodes).")
-    procs_per_worker: int = Field(default=1, ge=1, le=64, description="Processes per pod (torchrun nproc-per-node).")
+    procs_per_worker: int = Field(
+        default=1, ge=1, le=64, description="Processes per pod (torchrun nproc-per-node)."
+    )
     gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per pod; 0 trains on CPU.")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         default="auto", description="auto picks nccl with GPUs, gloo on CPU."
@@ -179,7 +227,9 @@ class DistributedSpec(ApiModel):
         if self.backend == "nccl" and self.gpus_per_worker == 0:
             raise ValueError("backend nccl needs gpusPerWorker > 0")
         if self.gpus_per_worker and self.gpus_per_worker < self.procs_per_worker:
-            raise ValueError("with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker")
+            raise ValueError(
+                "with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker"
+            )
         reserved = sorted({e.name for e in self.env or []} & RESERVED_ENV)
         if reserved:
             raise ValueError(f"env may not set variables the operator owns: {', '.join(reserved)}")
@@ -202,14 +252,18 @@ class RunPolicy(ApiModel):
 class ValidationThresholds(ApiModel):
     """The gate: a model is served only when every threshold holds."""
 
-    min_accuracy: float = Field(default=0.85, ge=0.0, le=1.0, description="Minimum test accuracy (classification).")
+    min_accuracy: float = Field(
+        default=0.85, ge=0.0, le=1.0, description="Minimum test accuracy (classification)."
+    )
     max_latency_p95_ms: float = Field(
         default=100.0, gt=0.0, description="Maximum p95 single-sample inference latency in milliseconds."
     )
     max_train_val_gap: float = Field(
         default=0.05, ge=0.0, le=1.0, description="Maximum train minus validation accuracy (overfitting)."
     )
-    require_convergence: bool = Field(default=True, description="Require the validation loss to have converged.")
+    require_convergence: bool = Field(
+        default=True, description="Require the validation loss to have converged."
+    )
     max_rmse: float | None = Field(default=None, gt=0.0, description="Maximum test RMSE (regression).")
     min_r2: float | None = Field(default=None, le=1.0, description="Minimum test R² (regression).")
 
@@ -217,7 +271,9 @@ class ValidationThresholds(ApiModel):
 class ExportSpec(ApiModel):
     """What the validator writes when the model passes."""
 
-    model_name: Name | None = Field(default=None, description="Model name in TorchServe; the TrainingJob name when unset.")
+    model_name: Name | None = Field(
+        default=None, description="Model name in TorchServe; the TrainingJob name when unset."
+    )
     version: str = Field(
         default="1.0.0", max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]*$", description="Model version."
     )
@@ -233,26 +289,32 @@ class TrainingJobSpec(ApiModel):
         description="The NeuralCluster that provides images, storage and limits.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
-    model: ModelSpec = Field(description="The network.", json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]})
+    model: ModelSpec = Field(
+        description="The network.", json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]}
+    )
     dataset: DatasetSpec = Field(
         description="The data.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
     training: TrainingSpec = Field(
-        default_factory=TrainingSpec, description="Optimisation.",
+        default_factory=TrainingSpec,
+        description="Optimisation.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
     distributed: DistributedSpec = Field(
-        default_factory=DistributedSpec, description="Pods and processes.",
+        default_factory=DistributedSpec,
+        description="Pods and processes.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, suspend.")
     validation: ValidationThresholds = Field(
-        default_factory=ValidationThresholds, description="Thresholds of the validation gate.",
+        default_factory=ValidationThresholds,
+        description="Thresholds of the validation gate.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
     output: ExportSpec = Field(
-        default_factory=ExportSpec, description="Name, version and export formats.",
+        default_factory=ExportSpec,
+        description="Name, version and export formats.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
 
@@ -299,7 +361,9 @@ class ValidationResult(StatusModel):
     latency_p99_ms: float | None = Field(default=None, description="p99 single-sample latency (ms).")
     train_val_gap: float | None = Field(default=None, description="Train minus validation accuracy.")
     converged: bool | None = Field(default=None, description="Whether validation loss converged.")
-    failed_thresholds: list[str] = Field(default_factory=list, description="Every threshold that failed, named.")
+    failed_thresholds: list[str] = Field(
+        default_factory=list, description="Every threshold that failed, named."
+    )
 
 
 class Artifacts(StatusModel):

@@ -1,0 +1,1 @@
+"""Pure builders: spec in, Kubernetes manifests out. No I/O, table-tested."""

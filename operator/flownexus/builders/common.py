@@ -1,0 +1,74 @@
+"""Helpers shared by the builders: names, labels, owner references, conditions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from ..api.common import Condition
+
+Manifest = dict[str, Any]
+PART_OF = "flownexus"
+
+
+def labels(kind: str, name: str, component: str, **extra: str) -> dict[str, str]:
+    """Labels on every child: who owns it and what it is."""
+    return {
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/managed-by": "flownexus-operator",
+        "app.kubernetes.io/component": component,
+        f"flownexus.io/{kind.lower()}": name,
+        **extra,
+    }
+
+
+def owner_reference(owner: Manifest) -> Manifest:
+    """An owner reference that makes the garbage collector delete the child with its owner."""
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(owner: Manifest, name: str, component: str, **extra_labels: str) -> Manifest:
+    meta = owner["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(owner["kind"], meta["name"], component, **extra_labels),
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    generation: int | None,
+) -> list[Condition]:
+    """Conditions with ``type_`` set; its lastTransitionTime changes only when its status does."""
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    out = [c for c in conditions if c.type != type_]
+    previous = next((c for c in conditions if c.type == type_), None)
+    since = previous.last_transition_time if previous and previous.status == value else now()
+    out.append(
+        Condition(
+            type=type_,
+            status=value,
+            reason=reason,
+            message=message,
+            last_transition_time=since,
+            observed_generation=generation,
+        )
+    )
+    return sorted(out, key=lambda c: c.type)

@@ -1,0 +1,1 @@
+"""Reconcilers: read the world through ``kube``, decide with builders, return the status to write."""
