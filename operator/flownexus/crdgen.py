@@ -43,9 +43,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return found
 
 
-def _registry(
-    model: type[BaseModel], seen: dict[str, type[BaseModel]] | None = None
-) -> dict[str, type[BaseModel]]:
+def _registry(model: type[BaseModel], seen: dict[str, type[BaseModel]] | None = None) -> dict[str, type[BaseModel]]:
     """Every model reachable from ``model``, by class name (the key pydantic uses in $defs)."""
     seen = {} if seen is None else seen
     if model.__name__ in seen:
@@ -100,12 +98,7 @@ class _Converter:
             node = self._any_of(node)
             if "$ref" in node:
                 return self._node(node)
-        if (
-            model is None
-            and "title" in node
-            and node.get("type") == "object"
-            and node["title"] in self.models
-        ):
+        if model is None and "title" in node and node.get("type") == "object" and node["title"] in self.models:
             model = self.models[node["title"]]
         out: Schema = {}
         for key, value in node.items():
@@ -241,9 +234,7 @@ def render(kind: Kind) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--out", type=Path, default=Path("crds"), help="directory to write <plural>.yaml into"
-    )
+    parser.add_argument("--out", type=Path, default=Path("crds"), help="directory to write <plural>.yaml into")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from pydantic import BaseModel, ValidationError
 
-from . import GROUP, VERSION
+from . import GROUP, VERSION, kube
 from .api import KINDS
 from .api.common import format_validation_error
 from .api.neuralcluster import NeuralClusterSpec, NeuralClusterStatus
+from .api.trainingjob import TrainingJobSpec, TrainingJobStatus
+from .builders.neuralcluster import artifact_claim_name
+from .builders.trainingjob import TrainingContext
 from .metrics import instrumented
 from .reconcilers import neuralcluster as nc_reconciler
+from .reconcilers import trainingjob as tj_reconciler
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,9 +60,7 @@ def parse_spec(model: type[BaseModel], spec: Any, body: Any) -> Any:
 
 # Indexes keep per-cluster counts in memory, fed by watch events (no polling).
 @kopf.index(GROUP, VERSION, "trainingjobs")
-def active_jobs_by_cluster(
-    spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, **_: Any
-) -> Any:
+def active_jobs_by_cluster(spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, **_: Any) -> Any:
     if dict(status).get("phase", "Pending") in ACTIVE_TJ_PHASES:
         return {(namespace, dict(spec).get("clusterRef", {}).get("name")): name}
     return None
@@ -99,9 +102,99 @@ def reconcile_neuralcluster(
         kopf.info(body, reason="Waiting", message=outcome.waiting_for)
         raise kopf.TemporaryError(f"Waiting for {outcome.waiting_for}", delay=15)
     if current.phase != "Ready":
-        kopf.info(
-            body, reason="Ready", message=f"artifact store {outcome.status.artifact_claim} is available"
+        kopf.info(body, reason="Ready", message=f"artifact store {outcome.status.artifact_claim} is available")
+
+
+def _cluster_for(namespace: str, cluster_name: str) -> tuple[NeuralClusterSpec | None, str | None, str]:
+    """The NeuralCluster's spec and artifact claim, or why it cannot be used yet."""
+    nc = kube.get(f"{GROUP}/{VERSION}", "NeuralCluster", namespace, cluster_name)
+    if nc is None:
+        return None, None, f"NeuralCluster {cluster_name} (spec.clusterRef.name) does not exist"
+    try:
+        spec = NeuralClusterSpec.model_validate(nc["spec"])
+    except ValidationError as exc:
+        return None, None, f"NeuralCluster {cluster_name} is invalid: " + "; ".join(format_validation_error(exc))
+    if (nc.get("status") or {}).get("phase") != "Ready":
+        return None, None, f"NeuralCluster {cluster_name} is not Ready yet"
+    return spec, artifact_claim_name(cluster_name, spec), ""
+
+
+def run_trainingjob(body: dict[str, Any], active_jobs: kopf.Index[Any, str] | None) -> None:
+    """One reconcile pass of a TrainingJob: observe, decide, act, write status once."""
+    meta = body["metadata"]
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    status = TrainingJobStatus.model_validate(body.get("status") or {})
+    try:
+        spec = TrainingJobSpec.model_validate(body["spec"])
+    except ValidationError as exc:
+        lines = format_validation_error(exc)
+        kube.patch_status(
+            f"{GROUP}/{VERSION}",
+            "TrainingJob",
+            namespace,
+            name,
+            {"phase": "Failed", "reason": "InvalidSpec", "message": "; ".join(lines), "observedGeneration": generation},
         )
+        kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message="; ".join(lines))
+        raise kopf.PermanentError("invalid spec: " + "; ".join(lines)) from exc
+    cluster_spec, claim, problem = _cluster_for(namespace, spec.cluster_ref.name)
+    ctx = (
+        TrainingContext(owner=body, spec=spec, cluster=cluster_spec, artifact_claim=claim)
+        if cluster_spec is not None and claim is not None
+        else None
+    )
+    running = set(active_jobs.get((namespace, spec.cluster_ref.name), [])) if active_jobs is not None else set()
+    running.discard(name)
+    limit = cluster_spec.limits if cluster_spec is not None else None
+    observed = tj_reconciler.observe(
+        ctx,
+        status,
+        problem,
+        capacity_free=limit is None or len(running) < limit.max_concurrent_training_jobs,
+        max_workers=limit.max_workers_per_job if limit is not None else 1 << 30,
+        namespace=namespace,
+        name=name,
+    )
+    plan = tj_reconciler.decide(spec, status, observed, generation)
+    if ctx is not None:
+        tj_reconciler.execute(ctx, plan)
+    # progress belongs to the pods (they patch it live); never overwrite it with what we read earlier.
+    kube.patch_status(
+        f"{GROUP}/{VERSION}",
+        "TrainingJob",
+        namespace,
+        name,
+        plan.status.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"progress"}),
+    )
+    for event_type, reason, message in plan.events:
+        (kopf.warn if event_type == "Warning" else kopf.info)(cast(kopf.Body, body), reason=reason, message=message)
+    if plan.requeue_after is not None:
+        raise kopf.TemporaryError(f"{plan.status.reason}: {plan.status.message}", delay=plan.requeue_after)
+    if plan.status.reason == "WaitingForCapacity":
+        raise kopf.TemporaryError("waiting for capacity", delay=30)
+
+
+@kopf.on.create(GROUP, VERSION, "trainingjobs")
+@kopf.on.update(GROUP, VERSION, "trainingjobs", field="spec")
+@kopf.on.resume(GROUP, VERSION, "trainingjobs")
+@instrumented("TrainingJob")
+def reconcile_trainingjob(body: kopf.Body, **kwargs: Any) -> None:
+    run_trainingjob(dict(body), kwargs.get("active_jobs_by_cluster"))
+
+
+@kopf.on.event(
+    "batch", "v1", "jobs", labels={"app.kubernetes.io/part-of": "flownexus", "flownexus.io/trainingjob": kopf.PRESENT}
+)
+@instrumented("TrainingJob")
+def on_training_child_job(labels: kopf.Labels, namespace: str | None, type: str | None, **kwargs: Any) -> None:
+    """A worker or validator Job changed: re-run its TrainingJob's pass (event-driven, no polling)."""
+    if namespace is None:
+        return
+    tj = kube.get(f"{GROUP}/{VERSION}", "TrainingJob", namespace, labels["flownexus.io/trainingjob"])
+    if tj is None or ((tj.get("status") or {}).get("phase") in tj_reconciler.FINISHED and type != "DELETED"):
+        return
+    with contextlib.suppress(kopf.TemporaryError):  # the TrainingJob's own handler owns retries
+        run_trainingjob(tj, kwargs.get("active_jobs_by_cluster"))
 
 
 def registered_kinds() -> list[str]:

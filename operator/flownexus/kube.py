@@ -70,14 +70,10 @@ def ensure(manifest: Manifest, *, patch_existing: bool = True) -> Manifest:
         return patched
 
 
-def delete(
-    api_version: str, kind: str, namespace: str, name: str, *, propagation: str = "Background"
-) -> bool:
+def delete(api_version: str, kind: str, namespace: str, name: str, *, propagation: str = "Background") -> bool:
     """Delete the object; False when it was already gone."""
     try:
-        _resource(api_version, kind).delete(
-            name=name, namespace=namespace, body={"propagationPolicy": propagation}
-        )
+        _resource(api_version, kind).delete(name=name, namespace=namespace, body={"propagationPolicy": propagation})
     except NotFoundError:
         return False
     return True

@@ -68,9 +68,7 @@ TRAINING_JOB = Kind(
         PrinterColumn("Epoch", "integer", ".status.progress.epoch", "Epochs completed."),
         PrinterColumn("Epochs", "integer", ".spec.training.epochs", "Planned epochs.", priority=1),
         PrinterColumn("Val-Acc", "number", ".status.progress.valAccuracy", "Validation accuracy, live."),
-        PrinterColumn(
-            "Test-Acc", "number", ".status.validation.accuracy", "Test accuracy from the validator."
-        ),
+        PrinterColumn("Test-Acc", "number", ".status.validation.accuracy", "Test accuracy from the validator."),
         PrinterColumn("Reason", "string", ".status.reason", "Why it is in this phase.", priority=1),
         AGE,
     ),

@@ -41,9 +41,7 @@ class ApiModel(BaseModel):
 class StatusModel(ApiModel):
     """Base of status types: tolerant of fields written by newer operator versions."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", validate_assignment=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", validate_assignment=True)
 
 
 class ObjectRef(ApiModel):
@@ -86,9 +84,7 @@ class Placement(ApiModel):
     node_selector: dict[str, str] | None = Field(
         default=None, max_length=16, description="Node labels the pods require."
     )
-    tolerations: list[Toleration] | None = Field(
-        default=None, max_length=16, description="Taints the pods tolerate."
-    )
+    tolerations: list[Toleration] | None = Field(default=None, max_length=16, description="Taints the pods tolerate.")
     gpu_resource_name: str = Field(
         default="nvidia.com/gpu",
         max_length=253,
@@ -106,9 +102,7 @@ class Condition(StatusModel):
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="One CamelCase word for machines.")
     message: str = Field(default="", description="A sentence for people.")
-    last_transition_time: str | None = Field(
-        default=None, description="When the status last changed (RFC 3339)."
-    )
+    last_transition_time: str | None = Field(default=None, description="When the status last changed (RFC 3339).")
     observed_generation: int | None = Field(
         default=None, description="The .metadata.generation the condition was computed for."
     )

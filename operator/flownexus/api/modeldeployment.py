@@ -48,9 +48,7 @@ class ServingSpec(ApiModel):
     """TorchServe settings."""
 
     batch_size: int = Field(default=32, ge=1, le=1024, description="TorchServe batchSize.")
-    max_batch_delay_ms: int = Field(
-        default=100, ge=0, le=60_000, description="TorchServe maxBatchDelay (ms)."
-    )
+    max_batch_delay_ms: int = Field(default=100, ge=0, le=60_000, description="TorchServe maxBatchDelay (ms).")
     workers_per_model: int = Field(default=1, ge=1, le=64, description="Python workers per model per pod.")
     replicas: int = Field(
         default=2,
@@ -78,9 +76,7 @@ class AutoscalingSpec(ApiModel):
     enabled: bool = Field(default=True, description="Create an HPA.")
     min_replicas: int = Field(default=2, ge=1, le=1000, description="HPA minReplicas.")
     max_replicas: int = Field(default=10, ge=1, le=1000, description="HPA maxReplicas.")
-    target_cpu_utilization: int = Field(
-        default=70, ge=1, le=100, description="Average CPU utilization target (%)."
-    )
+    target_cpu_utilization: int = Field(default=70, ge=1, le=100, description="Average CPU utilization target (%).")
     target_requests_per_second: float | None = Field(
         default=None,
         gt=0.0,
@@ -98,9 +94,7 @@ class AnalysisThresholds(ApiModel):
     """What a healthy canary looks like, measured by Prometheus over the window."""
 
     max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0, description="Highest share of 5xx responses.")
-    max_latency_p99_ms: float = Field(
-        default=100.0, gt=0.0, description="Highest p99 latency in milliseconds."
-    )
+    max_latency_p99_ms: float = Field(default=100.0, gt=0.0, description="Highest p99 latency in milliseconds.")
     window: str = Field(
         default="5m", pattern=r"^[0-9]+(s|m|h)$", description="PromQL range of each query, e.g. 1m, 5m."
     )
@@ -124,9 +118,7 @@ class RolloutSpec(ApiModel):
     interval: str = Field(
         default="1m", pattern=r"^[0-9]+(s|m|h)$", description="Time between analysis checks, e.g. 30s, 1m."
     )
-    thresholds: AnalysisThresholds = Field(
-        default_factory=AnalysisThresholds, description="Analysis thresholds."
-    )
+    thresholds: AnalysisThresholds = Field(default_factory=AnalysisThresholds, description="Analysis thresholds.")
     failed_checks_before_rollback: int = Field(
         default=3, ge=1, le=100, description="Failed checks that trigger the rollback."
     )
@@ -158,9 +150,7 @@ class ModelDeploymentSpec(ApiModel):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout of new versions.")
 
 
-ModelDeploymentPhase = Literal[
-    "Pending", "Available", "Progressing", "Canary", "Promoting", "RolledBack", "Failed"
-]
+ModelDeploymentPhase = Literal["Pending", "Available", "Progressing", "Canary", "Promoting", "RolledBack", "Failed"]
 
 
 class ServedVersion(StatusModel):

@@ -51,9 +51,7 @@ class ArtifactStore(ApiModel):
         },
     ]
 
-    existing_claim: Name | None = Field(
-        default=None, description="Adopt this existing PVC instead of creating one."
-    )
+    existing_claim: Name | None = Field(default=None, description="Adopt this existing PVC instead of creating one.")
     size: Quantity | None = Field(default=None, description="Size of the PVC the operator creates, e.g. 5Gi.")
     storage_class_name: str | None = Field(
         default=None, max_length=253, description="StorageClass of the created PVC; empty uses the default."
@@ -76,17 +74,13 @@ class Limits(ApiModel):
     max_concurrent_training_jobs: int = Field(
         default=4, ge=1, le=1000, description="TrainingJobs running at once; more wait in Pending."
     )
-    max_workers_per_job: int = Field(
-        default=8, ge=1, le=512, description="Largest distributed.workers allowed."
-    )
+    max_workers_per_job: int = Field(default=8, ge=1, le=512, description="Largest distributed.workers allowed.")
 
 
 class NeuralClusterSpec(ApiModel):
     """Desired state of a NeuralCluster."""
 
-    images: Images = Field(
-        default_factory=Images, description="Images of trainer, validator and server pods."
-    )
+    images: Images = Field(default_factory=Images, description="Images of trainer, validator and server pods.")
     artifact_store: ArtifactStore = Field(description="The PVC holding checkpoints, reports and archives.")
     training: Placement = Field(default_factory=Placement, description="Placement of training pods.")
     serving: Placement = Field(default_factory=Placement, description="Placement of serving pods.")

@@ -108,12 +108,8 @@ class DatasetSpec(ApiModel):
     split: Literal["random", "temporal"] = Field(
         default="random", description="random (stratified for classification) or temporal (keeps row order)."
     )
-    validation_fraction: float = Field(
-        default=0.15, gt=0.0, lt=0.9, description="Share held out for validation."
-    )
-    test_fraction: float = Field(
-        default=0.15, gt=0.0, lt=0.9, description="Share held out for the final test."
-    )
+    validation_fraction: float = Field(default=0.15, gt=0.0, lt=0.9, description="Share held out for validation.")
+    test_fraction: float = Field(default=0.15, gt=0.0, lt=0.9, description="Share held out for the final test.")
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed of splits, init and shuffling.")
     synthetic: SyntheticData = Field(default_factory=SyntheticData, description="Shape of synthetic data.")
 
@@ -133,9 +129,7 @@ class DatasetSpec(ApiModel):
 class SchedulerSpec(ApiModel):
     """Learning-rate schedule."""
 
-    type: Literal["cosine", "constant"] = Field(
-        default="cosine", description="cosine (with warmup) or constant."
-    )
+    type: Literal["cosine", "constant"] = Field(default="cosine", description="cosine (with warmup) or constant.")
     warmup_epochs: int = Field(default=1, ge=0, le=1000, description="Epochs of linear warmup.")
 
 
@@ -170,9 +164,7 @@ class TrainingSpec(ApiModel):
         description="Clip the global gradient norm to this value; unset disables clipping.",
     )
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping.")
-    checkpoint_every: int = Field(
-        default=5, ge=1, le=10_000, description="Write a checkpoint every N epochs."
-    )
+    checkpoint_every: int = Field(default=5, ge=1, le=10_000, description="Write a checkpoint every N epochs.")
     mixed_precision: bool = Field(default=False, description="Automatic mixed precision; used on GPU only.")
 
     @model_validator(mode="after")
@@ -210,9 +202,7 @@ class DistributedSpec(ApiModel):
     ]
 
     workers: int = Field(default=1, ge=1, le=512, description="Worker pods (torchrun nodes).")
-    procs_per_worker: int = Field(
-        default=1, ge=1, le=64, description="Processes per pod (torchrun nproc-per-node)."
-    )
+    procs_per_worker: int = Field(default=1, ge=1, le=64, description="Processes per pod (torchrun nproc-per-node).")
     gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per pod; 0 trains on CPU.")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         default="auto", description="auto picks nccl with GPUs, gloo on CPU."
@@ -227,9 +217,7 @@ class DistributedSpec(ApiModel):
         if self.backend == "nccl" and self.gpus_per_worker == 0:
             raise ValueError("backend nccl needs gpusPerWorker > 0")
         if self.gpus_per_worker and self.gpus_per_worker < self.procs_per_worker:
-            raise ValueError(
-                "with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker"
-            )
+            raise ValueError("with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker")
         reserved = sorted({e.name for e in self.env or []} & RESERVED_ENV)
         if reserved:
             raise ValueError(f"env may not set variables the operator owns: {', '.join(reserved)}")
@@ -252,18 +240,14 @@ class RunPolicy(ApiModel):
 class ValidationThresholds(ApiModel):
     """The gate: a model is served only when every threshold holds."""
 
-    min_accuracy: float = Field(
-        default=0.85, ge=0.0, le=1.0, description="Minimum test accuracy (classification)."
-    )
+    min_accuracy: float = Field(default=0.85, ge=0.0, le=1.0, description="Minimum test accuracy (classification).")
     max_latency_p95_ms: float = Field(
         default=100.0, gt=0.0, description="Maximum p95 single-sample inference latency in milliseconds."
     )
     max_train_val_gap: float = Field(
         default=0.05, ge=0.0, le=1.0, description="Maximum train minus validation accuracy (overfitting)."
     )
-    require_convergence: bool = Field(
-        default=True, description="Require the validation loss to have converged."
-    )
+    require_convergence: bool = Field(default=True, description="Require the validation loss to have converged.")
     max_rmse: float | None = Field(default=None, gt=0.0, description="Maximum test RMSE (regression).")
     min_r2: float | None = Field(default=None, le=1.0, description="Minimum test R² (regression).")
 
@@ -289,9 +273,7 @@ class TrainingJobSpec(ApiModel):
         description="The NeuralCluster that provides images, storage and limits.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
-    model: ModelSpec = Field(
-        description="The network.", json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]}
-    )
+    model: ModelSpec = Field(description="The network.", json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]})
     dataset: DatasetSpec = Field(
         description="The data.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
@@ -361,9 +343,7 @@ class ValidationResult(StatusModel):
     latency_p99_ms: float | None = Field(default=None, description="p99 single-sample latency (ms).")
     train_val_gap: float | None = Field(default=None, description="Train minus validation accuracy.")
     converged: bool | None = Field(default=None, description="Whether validation loss converged.")
-    failed_thresholds: list[str] = Field(
-        default_factory=list, description="Every threshold that failed, named."
-    )
+    failed_thresholds: list[str] = Field(default_factory=list, description="Every threshold that failed, named.")
 
 
 class Artifacts(StatusModel):

@@ -1,0 +1,283 @@
+"""Children of a TrainingJob: trainer RBAC, config, headless Service, one Indexed Job per attempt, validator Job.
+
+Pods find rank 0 at ``<job>-0.<service>``: the Indexed Job gives each pod the hostname
+``<job>-<index>`` and the Service (``subdomain``) publishes it before the pod is ready.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .. import API_VERSION
+from ..api.neuralcluster import NeuralClusterSpec
+from ..api.trainingjob import TrainingJobSpec
+from .common import Manifest, child_metadata
+
+MASTER_PORT = 29500
+CONFIG_DIR = "/etc/flownexus"
+ARTIFACT_ROOT = "/artifacts"
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """Everything the builders need about one TrainingJob, resolved once by the reconciler."""
+
+    owner: Manifest  # the TrainingJob object (apiVersion, kind, metadata with uid)
+    spec: TrainingJobSpec
+    cluster: NeuralClusterSpec
+    artifact_claim: str
+
+    @property
+    def name(self) -> str:
+        return str(self.owner["metadata"]["name"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self.owner["metadata"]["namespace"])
+
+    @property
+    def run_dir(self) -> str:
+        return f"{ARTIFACT_ROOT}/{self.namespace}/{self.name}"
+
+
+def service_name(name: str) -> str:
+    return name
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def service_account_name(name: str) -> str:
+    return f"{name}-trainer"
+
+
+def worker_job_name(name: str, attempt: int) -> str:
+    return f"{name}-a{attempt}"
+
+
+def validator_job_name(name: str) -> str:
+    return f"{name}-validate"
+
+
+def master_addr(name: str, attempt: int) -> str:
+    return f"{worker_job_name(name, attempt)}-0.{service_name(name)}"
+
+
+def trainer_config(ctx: TrainingContext) -> dict[str, Any]:
+    """The JSON the trainer and validator read (``$FLOWNEXUS_CONFIG``): the spec plus paths."""
+    spec = ctx.spec.to_wire()
+    output = dict(spec["output"])
+    output.setdefault("modelName", ctx.name)
+    return {
+        "name": ctx.name,
+        "namespace": ctx.namespace,
+        "model": spec["model"],
+        "dataset": spec["dataset"],
+        "training": spec["training"],
+        "distributed": {"backend": ctx.spec.distributed.backend},
+        "validation": spec["validation"],
+        "output": output,
+        "paths": {"artifactRoot": ARTIFACT_ROOT, "runDir": ctx.run_dir},
+    }
+
+
+def build_config_map(ctx: TrainingContext) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(ctx.owner, config_map_name(ctx.name), "trainer-config"),
+        "data": {"config.json": json.dumps(trainer_config(ctx), indent=2, sort_keys=True)},
+    }
+
+
+def build_service(ctx: TrainingContext) -> Manifest:
+    """Headless Service that gives every worker pod a stable DNS name, ready or not."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(ctx.owner, service_name(ctx.name), "trainer"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"flownexus.io/trainingjob": ctx.name, "flownexus.io/role": "worker"},
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+        },
+    }
+
+
+def build_trainer_rbac(ctx: TrainingContext) -> list[Manifest]:
+    """A ServiceAccount whose only right is to patch this one TrainingJob's status (live progress)."""
+    sa = service_account_name(ctx.name)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": child_metadata(ctx.owner, sa, "trainer")},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": child_metadata(ctx.owner, sa, "trainer"),
+            "rules": [
+                {
+                    "apiGroups": [API_VERSION.split("/")[0]],
+                    "resources": ["trainingjobs/status"],
+                    "resourceNames": [ctx.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": child_metadata(ctx.owner, sa, "trainer"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ctx.namespace}],
+        },
+    ]
+
+
+def _resources(ctx: TrainingContext) -> Manifest:
+    chosen = ctx.spec.distributed.resources or ctx.cluster.default_training_resources
+    wire = chosen.to_wire()
+    gpus = ctx.spec.distributed.gpus_per_worker
+    if gpus:
+        gpu = ctx.cluster.training.gpu_resource_name
+        wire.setdefault("limits", {})[gpu] = gpus
+        wire.setdefault("requests", {})[gpu] = gpus
+    return wire
+
+
+def _placement(ctx: TrainingContext) -> Manifest:
+    placement: Manifest = {}
+    if ctx.cluster.training.node_selector:
+        placement["nodeSelector"] = dict(ctx.cluster.training.node_selector)
+    if ctx.cluster.training.tolerations:
+        placement["tolerations"] = [t.to_wire() for t in ctx.cluster.training.tolerations]
+    return placement
+
+
+def _volumes(ctx: TrainingContext) -> tuple[list[Manifest], list[Manifest]]:
+    volumes: list[Manifest] = [
+        {"name": "artifacts", "persistentVolumeClaim": {"claimName": ctx.artifact_claim}},
+        {"name": "config", "configMap": {"name": config_map_name(ctx.name)}},
+        # torch's gloo/shared-memory paths need more than the container default of 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+    ]
+    mounts: list[Manifest] = [
+        {"name": "artifacts", "mountPath": ARTIFACT_ROOT},
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    return volumes, mounts
+
+
+def _base_env(ctx: TrainingContext) -> list[Manifest]:
+    user = [e.to_wire() for e in ctx.spec.distributed.env or []]
+    return [
+        *user,
+        {"name": "FLOWNEXUS_CONFIG", "value": f"{CONFIG_DIR}/config.json"},
+        {"name": "FLOWNEXUS_IMAGE", "value": ctx.cluster.images.trainer},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds: int | None = None) -> Manifest:
+    """The Indexed Job of one attempt: ``workers`` pods, each a torchrun node whose rank is its index.
+
+    ``backoffLimit: 0`` makes any worker failure end the attempt: the operator restarts the whole gang
+    as a new attempt, which resumes from the latest complete checkpoint.
+    """
+    dist = ctx.spec.distributed
+    job_name = worker_job_name(ctx.name, attempt)
+    volumes, mounts = _volumes(ctx)
+    threads = "1" if dist.procs_per_worker > 1 else "2"
+    torchrun = [
+        "torchrun",
+        f"--nnodes={dist.workers}",
+        f"--nproc-per-node={dist.procs_per_worker}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--master-addr={master_addr(ctx.name, attempt)}",
+        f"--master-port={MASTER_PORT}",
+        "--max-restarts=0",
+        "-m",
+        "flownexus_trainer.train",
+    ]
+    env = [
+        *_base_env(ctx),
+        {"name": "FLOWNEXUS_ATTEMPT", "value": str(attempt)},
+        {"name": "FLOWNEXUS_REPORT_STATUS", "value": "1"},
+        # One intra-op thread per process when processes share the cores (see FINDINGS.md).
+        {"name": "OMP_NUM_THREADS", "value": threads},
+    ]
+    pod_labels = {"flownexus.io/role": "worker", "flownexus.io/attempt": str(attempt)}
+    meta = child_metadata(ctx.owner, job_name, "trainer", **pod_labels)
+    job_spec: Manifest = {
+        "completionMode": "Indexed",
+        "completions": dist.workers,
+        "parallelism": dist.workers,
+        "backoffLimit": 0,
+        "suspend": ctx.spec.run_policy.suspend,
+        "template": {
+            "metadata": {"labels": dict(meta["labels"])},
+            "spec": {
+                "subdomain": service_name(ctx.name),
+                "restartPolicy": "Never",
+                "serviceAccountName": service_account_name(ctx.name),
+                **_placement(ctx),
+                "containers": [
+                    {
+                        "name": "trainer",
+                        "image": ctx.cluster.images.trainer,
+                        "imagePullPolicy": ctx.cluster.images.pull_policy,
+                        "command": torchrun,
+                        "env": env,
+                        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+                        "resources": _resources(ctx),
+                        "volumeMounts": mounts,
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                    }
+                ],
+                "volumes": volumes,
+            },
+        },
+    }
+    if active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, active_deadline_seconds)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def build_validator_job(ctx: TrainingContext) -> Manifest:
+    """The validator: measures the final model against the thresholds; verdict in its termination message."""
+    volumes, mounts = _volumes(ctx)
+    meta = child_metadata(ctx.owner, validator_job_name(ctx.name), "validator", **{"flownexus.io/role": "validator"})
+    resources = (ctx.spec.distributed.resources or ctx.cluster.default_training_resources).to_wire()
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": 1,
+            "template": {
+                "metadata": {"labels": dict(meta["labels"])},
+                "spec": {
+                    "restartPolicy": "Never",
+                    # The validator needs no API rights: its verdict travels in the termination message.
+                    "automountServiceAccountToken": False,
+                    **_placement(ctx),
+                    "containers": [
+                        {
+                            "name": "validator",
+                            "image": ctx.cluster.images.trainer,
+                            "imagePullPolicy": ctx.cluster.images.pull_policy,
+                            "command": ["python", "-m", "flownexus_trainer.validate"],
+                            "env": [*_base_env(ctx), {"name": "OMP_NUM_THREADS", "value": "1"}],
+                            "resources": resources,
+                            "volumeMounts": mounts,
+                            "terminationMessagePolicy": "File",
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }

@@ -1,0 +1,122 @@
+"""Table tests of the TrainingJob builders: spec in, manifests out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from flownexus.api.neuralcluster import NeuralClusterSpec
+from flownexus.api.trainingjob import TrainingJobSpec
+from flownexus.builders.trainingjob import (
+    TrainingContext,
+    build_config_map,
+    build_service,
+    build_trainer_rbac,
+    build_validator_job,
+    build_worker_job,
+)
+from tests.factories import neural_cluster, training_job
+
+
+def ctx(cluster_overrides: dict[str, Any] | None = None, **overrides: Any) -> TrainingContext:
+    tj = training_job(**overrides)
+    tj["metadata"]["uid"] = "uid-1"
+    nc = neural_cluster(**(cluster_overrides or {}))
+    return TrainingContext(
+        owner=tj,
+        spec=TrainingJobSpec.model_validate(tj["spec"]),
+        cluster=NeuralClusterSpec.model_validate(nc["spec"]),
+        artifact_claim="demo-artifacts",
+    )
+
+
+def container(job: dict[str, Any]) -> dict[str, Any]:
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+@pytest.mark.parametrize(
+    ("workers", "procs", "gpus", "attempt"),
+    [(1, 1, 0, 1), (2, 1, 0, 1), (4, 2, 0, 3), (2, 2, 2, 2)],
+)
+def test_worker_job_is_an_indexed_gang(workers: int, procs: int, gpus: int, attempt: int) -> None:
+    c = ctx(**{"spec.distributed": {"workers": workers, "procsPerWorker": procs, "gpusPerWorker": gpus}})
+    job = build_worker_job(c, attempt)
+    spec = job["spec"]
+    assert job["metadata"]["name"] == f"digits-a{attempt}"
+    assert (spec["completions"], spec["parallelism"], spec["completionMode"]) == (workers, workers, "Indexed")
+    assert spec["backoffLimit"] == 0  # any worker failure ends the attempt; the operator restarts the gang
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "digits" and pod["restartPolicy"] == "Never"
+    cmd = container(job)["command"]
+    assert cmd[0] == "torchrun"
+    assert f"--nnodes={workers}" in cmd and f"--nproc-per-node={procs}" in cmd
+    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd
+    assert f"--master-addr=digits-a{attempt}-0.digits" in cmd
+    env = {e["name"]: e["value"] for e in container(job)["env"]}
+    assert env["FLOWNEXUS_ATTEMPT"] == str(attempt)
+    limits = container(job)["resources"]["limits"]
+    if gpus:
+        assert limits["nvidia.com/gpu"] == gpus
+    else:
+        assert "nvidia.com/gpu" not in limits
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_gpu_resource_name_and_placement_come_from_the_cluster() -> None:
+    c = ctx(
+        {"spec.training": {"gpuResourceName": "amd.com/gpu", "nodeSelector": {"pool": "gpu"},
+                           "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
+        **{"spec.distributed": {"gpusPerWorker": 1}},
+    )
+    pod = build_worker_job(c, 1)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"][0]["key"] == "gpu"
+    assert container(build_worker_job(c, 1))["resources"]["limits"]["amd.com/gpu"] == 1
+
+
+@pytest.mark.parametrize("suspend", [True, False])
+def test_suspend_is_passed_to_the_job(suspend: bool) -> None:
+    assert build_worker_job(ctx(**{"spec.runPolicy.suspend": suspend}), 1)["spec"]["suspend"] is suspend
+
+
+def test_deadline_is_the_remaining_time() -> None:
+    assert build_worker_job(ctx(), 2, active_deadline_seconds=120)["spec"]["activeDeadlineSeconds"] == 120
+    assert "activeDeadlineSeconds" not in build_worker_job(ctx(), 1)["spec"]
+
+
+def test_user_env_is_kept_and_operator_env_wins() -> None:
+    c = ctx(**{"spec.distributed.env": [{"name": "MY_FLAG", "value": "1"}]})
+    names = [e["name"] for e in container(build_worker_job(c, 1))["env"]]
+    assert names[0] == "MY_FLAG" and "FLOWNEXUS_CONFIG" in names
+
+
+def test_config_map_carries_the_spec_and_paths() -> None:
+    cfg = json.loads(build_config_map(ctx())["data"]["config.json"])
+    assert cfg["model"]["architecture"] == "mlp"
+    assert cfg["dataset"]["seed"] == 42
+    assert cfg["training"]["checkpointEvery"] == 5
+    assert cfg["output"]["modelName"] == "digits"
+    assert cfg["paths"]["runDir"] == "/artifacts/default/digits"
+
+
+def test_service_is_headless_and_publishes_unready_pods() -> None:
+    svc = build_service(ctx())["spec"]
+    assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
+
+
+def test_trainer_may_only_patch_its_own_status() -> None:
+    _, role, binding = build_trainer_rbac(ctx())
+    (rule,) = role["rules"]
+    assert rule == {"apiGroups": ["flownexus.io"], "resources": ["trainingjobs/status"],
+                    "resourceNames": ["digits"], "verbs": ["get", "patch"]}
+    assert binding["subjects"][0]["name"] == "digits-trainer"
+
+
+def test_validator_has_no_api_rights() -> None:
+    job = build_validator_job(ctx())
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert container(job)["command"] == ["python", "-m", "flownexus_trainer.validate"]

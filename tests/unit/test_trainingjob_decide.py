@@ -1,0 +1,143 @@
+"""The TrainingJob life cycle as a pure decision: every phase and transition, and restarts in each."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from flownexus.api.trainingjob import TrainingJobSpec, TrainingJobStatus
+from flownexus.reconcilers.trainingjob import JobState, Observed, decide, job_state
+from tests.factories import training_job
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+OK = Observed(cluster_ready=True, cluster_problem="", capacity_free=True, max_workers=8,
+              worker_job=JobState.MISSING, worker_failure="", validator_job=JobState.MISSING, verdict=None, now=NOW)
+
+
+def spec(**overrides: Any) -> TrainingJobSpec:
+    return TrainingJobSpec.model_validate(training_job(**overrides)["spec"])
+
+
+def status(**fields: Any) -> TrainingJobStatus:
+    return TrainingJobStatus.model_validate(fields)
+
+
+def cond(st: TrainingJobStatus, type_: str) -> str | None:
+    return next((c.status for c in st.conditions if c.type == type_), None)
+
+
+def test_new_job_creates_attempt_one() -> None:
+    plan = decide(spec(), status(), OK, 1)
+    assert plan.create_attempt == 1 and plan.status.attempt == 1
+    assert plan.status.phase == "Created" and cond(plan.status, "Created") == "True"
+    assert plan.events and plan.events[0][1] == "Created"
+
+
+@pytest.mark.parametrize(
+    ("observed", "reason"),
+    [
+        (replace(OK, cluster_ready=False, cluster_problem="NeuralCluster demo does not exist"), "ClusterNotReady"),
+        (replace(OK, capacity_free=False), "WaitingForCapacity"),
+        (replace(OK, max_workers=1), "TooManyWorkers"),
+    ],
+)
+def test_waits_in_pending_never_fails(observed: Observed, reason: str) -> None:
+    plan = decide(spec(), status(), observed, 1)
+    assert plan.status.phase == "Pending" and plan.status.reason == reason
+    assert plan.create_attempt is None
+
+
+def test_suspended_before_start_creates_nothing() -> None:
+    plan = decide(spec(**{"spec.runPolicy.suspend": True}), status(), OK, 1)
+    assert plan.status.phase == "Suspended" and plan.create_attempt is None
+
+
+def test_running_attempt() -> None:
+    plan = decide(spec(), status(attempt=1, phase="Created"), replace(OK, worker_job=JobState.RUNNING), 1)
+    assert plan.status.phase == "Running" and cond(plan.status, "Running") == "True"
+
+
+def test_worker_failure_restarts_the_whole_gang_as_a_new_attempt() -> None:
+    obs = replace(OK, worker_job=JobState.FAILED, worker_failure="BackoffLimitExceeded")
+    plan = decide(spec(**{"spec.runPolicy.maxRestarts": 2}), status(attempt=1, phase="Running"), obs, 1)
+    assert plan.create_attempt == 2 and plan.status.attempt == 2
+    assert plan.status.phase == "Restarting" and cond(plan.status, "Restarting") == "True"
+    assert "resumes from the latest checkpoint" in (plan.status.message or "")
+
+
+def test_restart_limit_fails_with_the_reason() -> None:
+    obs = replace(OK, worker_job=JobState.FAILED, worker_failure="BackoffLimitExceeded")
+    plan = decide(spec(**{"spec.runPolicy.maxRestarts": 1}), status(attempt=2, phase="Running"), obs, 1)
+    assert plan.status.phase == "Failed" and plan.status.reason == "RestartLimitExceeded"
+    assert plan.create_attempt is None and cond(plan.status, "Failed") == "True"
+    assert plan.events[-1][0] == "Warning"
+
+
+def test_suspend_and_resume_a_running_attempt() -> None:
+    running = replace(OK, worker_job=JobState.RUNNING)
+    plan = decide(spec(**{"spec.runPolicy.suspend": True}), status(attempt=1, phase="Running"), running, 2)
+    assert plan.suspend_attempt is True and plan.status.phase == "Suspended"
+    suspended = replace(OK, worker_job=JobState.SUSPENDED)
+    plan = decide(spec(), status(attempt=1, phase="Suspended"), suspended, 3)
+    assert plan.suspend_attempt is False and plan.status.phase == "Running"
+
+
+def test_trained_job_starts_the_validator() -> None:
+    plan = decide(spec(), status(attempt=1, phase="Running"), replace(OK, worker_job=JobState.SUCCEEDED), 1)
+    assert plan.create_validator and plan.status.phase == "Validating"
+    assert cond(plan.status, "Trained") == "True"
+
+
+def test_passed_validation_succeeds() -> None:
+    verdict = {"passed": True, "failed": [], "testAccuracy": 0.97, "latencyP95Ms": 0.4,
+               "modelArchive": "/artifacts/default/digits/digits.mar"}
+    obs = replace(OK, worker_job=JobState.SUCCEEDED, validator_job=JobState.SUCCEEDED, verdict=verdict)
+    plan = decide(spec(), status(attempt=1, phase="Validating"), obs, 1)
+    assert plan.status.phase == "Succeeded" and cond(plan.status, "Validated") == "True"
+    assert plan.status.validation is not None and plan.status.validation.accuracy == 0.97
+    assert plan.status.artifacts is not None and plan.status.artifacts.model_archive.endswith(".mar")
+
+
+def test_failed_validation_names_every_threshold() -> None:
+    verdict = {"passed": False, "failed": ["accuracy 0.61 < minAccuracy 0.99", "gap 0.08 > maxTrainValGap 0.05"]}
+    obs = replace(OK, worker_job=JobState.SUCCEEDED, validator_job=JobState.SUCCEEDED, verdict=verdict)
+    plan = decide(spec(), status(attempt=1, phase="Validating"), obs, 1)
+    assert plan.status.phase == "Failed" and plan.status.reason == "ValidationFailed"
+    assert cond(plan.status, "Validated") == "False"
+    assert "minAccuracy" in (plan.status.message or "") and "maxTrainValGap" in (plan.status.message or "")
+
+
+def test_deadline_exceeded_fails_and_stops_pods() -> None:
+    started = (NOW - timedelta(seconds=100)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    plan = decide(spec(**{"spec.runPolicy.activeDeadlineSeconds": 60}),
+                  status(attempt=1, phase="Running", startTime=started), replace(OK, worker_job=JobState.RUNNING), 1)
+    assert plan.status.reason == "DeadlineExceeded" and plan.delete_attempt == 1
+
+
+def test_ttl_after_finished() -> None:
+    done = (NOW - timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    s = status(attempt=1, phase="Succeeded", completionTime=done)
+    assert decide(spec(**{"spec.runPolicy.ttlSecondsAfterFinished": 10}), s, OK, 1).delete_self
+    plan = decide(spec(**{"spec.runPolicy.ttlSecondsAfterFinished": 60}), s, OK, 1)
+    assert not plan.delete_self and plan.requeue_after == pytest.approx(30)
+
+
+@pytest.mark.parametrize("phase", ["Created", "Running", "Restarting", "Validating", "Suspended"])
+def test_restarted_operator_resumes_without_recreating(phase: str) -> None:
+    """After an operator restart the same status and children lead to no duplicate attempt."""
+    worker = JobState.SUSPENDED if phase == "Suspended" else JobState.RUNNING
+    validator = JobState.RUNNING if phase == "Validating" else JobState.MISSING
+    s = spec(**{"spec.runPolicy.suspend": phase == "Suspended"})
+    plan = decide(s, status(attempt=2, phase=phase), replace(OK, worker_job=worker, validator_job=validator), 1)
+    assert plan.create_attempt is None and plan.status.attempt == 2
+
+
+def test_job_state_reads_conditions() -> None:
+    assert job_state(None) is JobState.MISSING
+    assert job_state({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) is JobState.SUCCEEDED
+    assert job_state({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) is JobState.FAILED
+    assert job_state({"spec": {"suspend": True}, "status": {}}) is JobState.SUSPENDED
+    assert job_state({"spec": {}, "status": {"active": 2}}) is JobState.RUNNING
