@@ -200,3 +200,7 @@ def on_training_child_job(labels: kopf.Labels, namespace: str | None, type: str 
 def registered_kinds() -> list[str]:
     """The kinds this operator watches (for --help and tests)."""
     return [k.plural for k in KINDS]
+
+
+# ModelDeployment registrations live in their own module; importing it registers them with Kopf.
+from . import handlers_modeldeployment as _modeldeployment  # noqa: E402,F401

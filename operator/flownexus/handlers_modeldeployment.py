@@ -1,0 +1,1 @@
+"""Kopf registrations for ModelDeployment (imported by ``handlers``)."""
