@@ -23,6 +23,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 _SETTINGS: Settings | None = None
+POD_OWNED_STATUS = {"progress", "best_metrics", "latest_checkpoint"}
 ACTIVE_TJ_PHASES = {"Pending", "Created", "Running", "Restarting", "Validating"}
 
 
@@ -158,13 +159,13 @@ def run_trainingjob(body: dict[str, Any], active_jobs: kopf.Index[Any, str] | No
     plan = tj_reconciler.decide(spec, status, observed, generation)
     if ctx is not None:
         tj_reconciler.execute(ctx, plan)
-    # progress belongs to the pods (they patch it live); never overwrite it with what we read earlier.
+    # Rank 0 owns the live fields (it patches them itself); never overwrite them with what we read earlier.
     kube.patch_status(
         f"{GROUP}/{VERSION}",
         "TrainingJob",
         namespace,
         name,
-        plan.status.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"progress"}),
+        plan.status.model_dump(by_alias=True, exclude_none=True, mode="json", exclude=POD_OWNED_STATUS),
     )
     for event_type, reason, message in plan.events:
         (kopf.warn if event_type == "Warning" else kopf.info)(cast(kopf.Body, body), reason=reason, message=message)

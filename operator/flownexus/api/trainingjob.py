@@ -363,9 +363,15 @@ class TrainingJobStatus(StatusModel):
     reason: str | None = Field(default=None, description="Why the job is in this phase.")
     message: str | None = Field(default=None, description="Details for people.")
     attempt: int = Field(default=0, description="Current attempt (1 = first run).")
-    progress: EpochMetrics | None = Field(default=None, description="Live metrics of the latest epoch.")
-    best_metrics: EpochMetrics | None = Field(default=None, description="Metrics of the best epoch.")
-    latest_checkpoint: CheckpointRef | None = Field(default=None, description="Latest complete checkpoint.")
+    progress: EpochMetrics | None = Field(
+        default=None, description="Live metrics of the latest epoch, patched by rank 0 of the training pods."
+    )
+    best_metrics: EpochMetrics | None = Field(
+        default=None, description="Metrics of the best epoch (lowest validation loss), patched by rank 0."
+    )
+    latest_checkpoint: CheckpointRef | None = Field(
+        default=None, description="Latest complete checkpoint, patched by rank 0."
+    )
     validation: ValidationResult | None = Field(default=None, description="Verdict of the validator.")
     artifacts: Artifacts | None = Field(default=None, description="Paths of what the job produced.")
     start_time: str | None = Field(default=None, description="When the first attempt started.")
