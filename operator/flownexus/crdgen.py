@@ -60,9 +60,9 @@ def _field_default(field: FieldInfo) -> Any:
     if field.default_factory is not None:
         value = field.default_factory()  # type: ignore[call-arg]
         if isinstance(value, ApiModel):
-            # An all-defaults sub-object becomes {} so the API server fills its fields from their own defaults.
-            dumped = value.to_wire()
-            return {} if dumped == type(value)().to_wire() else dumped
+            # The whole defaulted object, not {}: the API server checks defaults against CEL rules *before*
+            # filling nested defaults, so a rule like `self.minReplicas <= self.maxReplicas` needs the keys.
+            return value.to_wire()
         return value
     if field.is_required() or field.default is None:
         return None

@@ -14,10 +14,29 @@ from flownexus.crdgen import build_crd, render
 REPO = Path(__file__).resolve().parents[2]
 # Keywords allowed in a structural schema node (apiextensions.k8s.io/v1 JSONSchemaProps we use).
 ALLOWED = {
-    "type", "description", "properties", "items", "required", "enum", "default", "minimum", "maximum",
-    "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "pattern",
-    "maxProperties", "additionalProperties", "x-kubernetes-validations", "x-kubernetes-int-or-string",
-    "x-kubernetes-list-type", "x-kubernetes-preserve-unknown-fields", "format",
+    "type",
+    "description",
+    "properties",
+    "items",
+    "required",
+    "enum",
+    "default",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "pattern",
+    "maxProperties",
+    "additionalProperties",
+    "x-kubernetes-validations",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-list-type",
+    "x-kubernetes-preserve-unknown-fields",
+    "format",
 }
 
 
@@ -63,7 +82,11 @@ def test_crd_names_columns_and_category() -> None:
     assert columns[:3] == ["Phase", "Attempt", "Epoch"] and "Age" in columns
     mdep = crds["ModelDeployment"]["spec"]
     assert [c["name"] for c in mdep["versions"][0]["additionalPrinterColumns"]][:4] == [
-        "Stable", "Canary", "Weight", "Phase"]
+        "Stable",
+        "Canary",
+        "Weight",
+        "Phase",
+    ]
     assert crds["NeuralCluster"]["spec"]["names"]["shortNames"] == ["nc"]
     for crd in crds.values():
         assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
@@ -72,7 +95,7 @@ def test_crd_names_columns_and_category() -> None:
 def test_defaults_land_in_the_schema() -> None:
     (tj,) = [build_crd(k) for k in KINDS if k.kind == "TrainingJob"]
     spec = tj["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    assert spec["training"]["default"] == {}
+    assert spec["training"]["default"]["checkpointEvery"] == 5
     assert spec["training"]["properties"]["checkpointEvery"]["default"] == 5
     assert spec["dataset"]["properties"]["seed"]["default"] == 42
     assert spec["validation"]["properties"]["minAccuracy"]["default"] == 0.85
@@ -81,6 +104,10 @@ def test_defaults_land_in_the_schema() -> None:
 
 def test_cel_rules_present_for_cross_field_constraints() -> None:
     text = "\n".join(yaml.safe_dump(build_crd(k)) for k in KINDS)
-    for needle in ("self.minReplicas <= self.maxReplicas", "has(self.trainingJobRef) != has(self.archivePath)",
-                   "self.isSorted()", "self == oldSelf"):
+    for needle in (
+        "self.minReplicas <= self.maxReplicas",
+        "has(self.trainingJobRef) != has(self.archivePath)",
+        "self.isSorted()",
+        "self == oldSelf",
+    ):
         assert needle in text
