@@ -13,8 +13,17 @@ from flownexus.reconcilers.trainingjob import JobState, Observed, decide, job_st
 from tests.factories import training_job
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-OK = Observed(cluster_ready=True, cluster_problem="", capacity_free=True, max_workers=8,
-              worker_job=JobState.MISSING, worker_failure="", validator_job=JobState.MISSING, verdict=None, now=NOW)
+OK = Observed(
+    cluster_ready=True,
+    cluster_problem="",
+    capacity_free=True,
+    max_workers=8,
+    worker_job=JobState.MISSING,
+    worker_failure="",
+    validator_job=JobState.MISSING,
+    verdict=None,
+    now=NOW,
+)
 
 
 def spec(**overrides: Any) -> TrainingJobSpec:
@@ -92,8 +101,13 @@ def test_trained_job_starts_the_validator() -> None:
 
 
 def test_passed_validation_succeeds() -> None:
-    verdict = {"passed": True, "failed": [], "testAccuracy": 0.97, "latencyP95Ms": 0.4,
-               "modelArchive": "/artifacts/default/digits/digits.mar"}
+    verdict = {
+        "passed": True,
+        "failed": [],
+        "testAccuracy": 0.97,
+        "latencyP95Ms": 0.4,
+        "modelArchive": "/artifacts/default/digits/digits.mar",
+    }
     obs = replace(OK, worker_job=JobState.SUCCEEDED, validator_job=JobState.SUCCEEDED, verdict=verdict)
     plan = decide(spec(), status(attempt=1, phase="Validating"), obs, 1)
     assert plan.status.phase == "Succeeded" and cond(plan.status, "Validated") == "True"
@@ -112,8 +126,12 @@ def test_failed_validation_names_every_threshold() -> None:
 
 def test_deadline_exceeded_fails_and_stops_pods() -> None:
     started = (NOW - timedelta(seconds=100)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    plan = decide(spec(**{"spec.runPolicy.activeDeadlineSeconds": 60}),
-                  status(attempt=1, phase="Running", startTime=started), replace(OK, worker_job=JobState.RUNNING), 1)
+    plan = decide(
+        spec(**{"spec.runPolicy.activeDeadlineSeconds": 60}),
+        status(attempt=1, phase="Running", startTime=started),
+        replace(OK, worker_job=JobState.RUNNING),
+        1,
+    )
     assert plan.status.reason == "DeadlineExceeded" and plan.delete_attempt == 1
 
 
@@ -140,4 +158,12 @@ def test_job_state_reads_conditions() -> None:
     assert job_state({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) is JobState.SUCCEEDED
     assert job_state({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) is JobState.FAILED
     assert job_state({"spec": {"suspend": True}, "status": {}}) is JobState.SUSPENDED
-    assert job_state({"spec": {}, "status": {"active": 2}}) is JobState.RUNNING
+    assert job_state({"spec": {"parallelism": 2}, "status": {"active": 2, "ready": 2}}) is JobState.RUNNING
+    assert job_state({"spec": {"parallelism": 2}, "status": {"active": 2, "ready": 1}}) is JobState.STARTING
+
+
+def test_gang_not_yet_running_stays_created_and_running_never_flips_back() -> None:
+    starting = replace(OK, worker_job=JobState.STARTING)
+    assert decide(spec(), status(attempt=1, phase="Created"), starting, 1).status.phase == "Created"
+    assert decide(spec(), status(attempt=2, phase="Restarting"), starting, 1).status.phase == "Restarting"
+    assert decide(spec(), status(attempt=1, phase="Running"), starting, 1).status.phase == "Running"

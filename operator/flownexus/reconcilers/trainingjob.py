@@ -36,6 +36,7 @@ class JobState(Enum):
 
     MISSING = "Missing"
     SUSPENDED = "Suspended"
+    STARTING = "Starting"  # exists, but not every pod of the gang is running yet
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
@@ -51,6 +52,9 @@ def job_state(job: Manifest | None) -> JobState:
         return JobState.FAILED
     if job.get("spec", {}).get("suspend"):
         return JobState.SUSPENDED
+    ready = (job.get("status") or {}).get("ready") or 0
+    if ready < (job.get("spec") or {}).get("parallelism", 1):
+        return JobState.STARTING
     return JobState.RUNNING
 
 
@@ -209,6 +213,12 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
             "checkpoint",
             generation,
         )
+        return plan
+    if obs.worker_job is JobState.STARTING and st.phase != "Running":
+        # Keep Created / Restarting until the whole gang runs; once Running, pods finishing one by one
+        # at the end must not flip the phase back.
+        if st.phase not in ("Created", "Restarting"):
+            _phase(plan, "Created", "Starting", f"attempt {attempt}: worker pods are starting", generation)
         return plan
     st.conditions = set_condition(st.conditions, "Restarting", False, "Running", "", generation)
     _phase(plan, "Running", "Training", f"attempt {attempt} is training", generation)
