@@ -1,0 +1,240 @@
+"""TrainingJob end to end on the local cluster: real DDP pods, whole-gang restart, the validation gate.
+
+The operator runs as a process on the host against the cluster's kubeconfig (as `python -m flownexus`);
+the trainer image is built from trainer_image/Containerfile.trainer by the harness and loaded into the node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import REPO, Cluster, _dev_cluster, wait_until
+
+pytestmark = pytest.mark.e2e
+TRAIN_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def flownexus_crds(cluster: Cluster) -> Cluster:
+    files = sorted((REPO / "crds").glob("*.yaml"))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", *(a for p in files for a in ("-f", str(p))))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"-f={p}" for p in files))
+    wait_until(
+        "flownexus.io served",
+        lambda: "trainingjobs" in cluster.kubectl("api-resources", "--api-group=flownexus.io", check=False).stdout,
+        60,
+    )
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def operator(flownexus_crds: Cluster) -> Iterator[int]:
+    """The operator as a host process; yields its metrics port. Stopped by pid at the end."""
+    metrics_port, health_port = _free_port(), _free_port()
+    log_path = REPO / ".local" / "logs" / "operator-e2e.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(flownexus_crds.kubeconfig),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]),
+    }
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flownexus", "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_until("operator /healthz", healthy, 60)
+        yield metrics_port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def trainer_image(cluster: Cluster) -> str:
+    result = _dev_cluster(
+        "build-image",
+        str(REPO),
+        "-f",
+        str(REPO / "trainer_image" / "Containerfile.trainer"),
+        "--name",
+        "trainer",
+        timeout=2400,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"building the trainer image failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def example(name: str, namespace: str, **spec_overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((REPO / "examples" / name).read_text())
+    doc["metadata"]["namespace"] = namespace
+    for dotted, value in spec_overrides.items():
+        node = doc["spec"]
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return doc
+
+
+def tj_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    status: dict[str, Any] = cluster.get("-n", namespace, "trainingjob", name).get("status") or {}
+    return status
+
+
+def wait_phase(cluster: Cluster, namespace: str, name: str, phases: set[str], timeout: float) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def reached() -> bool:
+        seen.update(tj_status(cluster, namespace, name))
+        return seen.get("phase") in phases
+
+    try:
+        wait_until(f"TrainingJob {name} to reach {phases}", reached, timeout, interval=3)
+    except pytest.fail.Exception:
+        pods = cluster.kubectl("-n", namespace, "get", "pods", "-o", "wide", check=False).stdout
+        logs = cluster.kubectl(
+            "-n", namespace, "logs", "-l", f"flownexus.io/trainingjob={name}", "--tail=30", "--prefix", check=False
+        ).stdout
+        pytest.fail(f"status: {json.dumps(seen, indent=1)}\npods:\n{pods}\nlogs:\n{logs}")
+    return seen
+
+
+def artifact_dir(cluster: Cluster, namespace: str, claim: str) -> Path:
+    """Where the hostPath-provisioned artifact PVC lives on this machine (the node is this machine)."""
+    pvc = cluster.get("-n", namespace, "pvc", claim)
+    pv = cluster.get("pv", pvc["spec"]["volumeName"])
+    return Path(pv["spec"].get("hostPath", pv["spec"].get("local", {}))["path"])
+
+
+def start_cluster(cluster: Cluster, namespace: str, image: str) -> None:
+    nc = example("neuralcluster.yaml", namespace)
+    nc["spec"]["images"] = {"trainer": image, "server": image, "pullPolicy": "IfNotPresent"}
+    nc["spec"]["artifactStore"] = {"size": "1Gi", "accessMode": "ReadWriteMany"}
+    cluster.apply(nc)
+    wait_until(
+        "NeuralCluster Ready",
+        lambda: (cluster.get("-n", namespace, "nc", "demo").get("status") or {}).get("phase") == "Ready",
+        60,
+    )
+
+
+def test_digits_trains_with_two_workers_and_passes_the_gate(
+    cluster: Cluster, namespace: str, operator: int, trainer_image: str
+) -> None:
+    start_cluster(cluster, namespace, trainer_image)
+    started = time.monotonic()
+    cluster.apply(example("trainingjob-digits.yaml", namespace))
+    status = wait_phase(cluster, namespace, "digits", {"Succeeded", "Failed"}, TRAIN_TIMEOUT_S)
+    wall = time.monotonic() - started
+    assert status["phase"] == "Succeeded", status
+    assert status["validation"]["passed"] is True
+    assert status["validation"]["accuracy"] >= 0.94
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["Validated"] == "True" and conditions["Succeeded"] == "True"
+    # Both ranks really ran: the Job had two completions (one per torchrun node).
+    job = cluster.get("-n", namespace, "job", "digits-a1")
+    assert job["status"]["succeeded"] == 2
+    run_dir = artifact_dir(cluster, namespace, "demo-artifacts") / namespace / "digits"
+    for artifact in ("report.md", "metadata.json", "metrics.jsonl"):
+        assert (run_dir / artifact).is_file(), f"{artifact} missing in {sorted(run_dir.iterdir())}"
+    assert list(run_dir.rglob("*.mar")), f"no .mar in {run_dir}"
+    assert "digits" in cluster.kubectl("-n", namespace, "get", "tj").stdout
+    # The operator's own metrics count the reconciles it did.
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator}/metrics", timeout=5) as r:
+        assert 'flownexus_reconcile_total{kind="TrainingJob",result="ok"}' in r.read().decode()
+    print(f"\n[figure] digits TrainingJob apply -> Succeeded: {wall:.0f} s")
+
+
+def test_deleted_worker_restarts_the_gang_from_the_checkpoint(
+    cluster: Cluster, namespace: str, operator: int, trainer_image: str
+) -> None:
+    start_cluster(cluster, namespace, trainer_image)
+    tj = example(
+        "trainingjob-digits.yaml",
+        namespace,
+        **{
+            "training.epochs": 40,
+            "training.checkpointEvery": 5,
+            "training.earlyStopping": {"enabled": False},
+            "validation.minAccuracy": 0.9,
+        },
+    )
+    cluster.apply(tj)
+
+    def checkpointed() -> bool:
+        st = tj_status(cluster, namespace, "digits")
+        return (st.get("latestCheckpoint") or {}).get("epoch", 0) >= 5 and st.get("attempt") == 1
+
+    wait_until("a checkpoint at epoch >= 5", checkpointed, TRAIN_TIMEOUT_S, interval=1)
+    checkpoint_epoch = tj_status(cluster, namespace, "digits")["latestCheckpoint"]["epoch"]
+    pods = cluster.get("-n", namespace, "pods", "-l", "job-name=digits-a1")["items"]
+    victim = next(
+        p["metadata"]["name"]
+        for p in pods
+        if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
+    )
+    cluster.kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
+    status = wait_phase(cluster, namespace, "digits", {"Succeeded", "Failed"}, TRAIN_TIMEOUT_S)
+    assert status["attempt"] == 2, status
+    assert status["phase"] == "Succeeded", status
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Restarting"] == "False"
+    events = cluster.kubectl("-n", namespace, "get", "events", "--field-selector", "involvedObject.name=digits").stdout
+    assert "WorkerFailed" in events
+    run_dir = artifact_dir(cluster, namespace, "demo-artifacts") / namespace / "digits"
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    # Epochs up to the checkpoint ran once; attempt 2 picked up after it rather than from epoch 1.
+    for epoch in range(1, checkpoint_epoch + 1):
+        assert epochs.count(epoch) == 1, (epoch, epochs)
+    assert max(epochs) == 40
+
+
+def test_unreachable_threshold_fails_naming_it(
+    cluster: Cluster, namespace: str, operator: int, trainer_image: str
+) -> None:
+    start_cluster(cluster, namespace, trainer_image)
+    cluster.apply(
+        example(
+            "trainingjob-digits.yaml",
+            namespace,
+            **{"training.epochs": 3, "distributed.workers": 1, "validation.minAccuracy": 0.9999},
+        )
+    )
+    status = wait_phase(cluster, namespace, "digits", {"Succeeded", "Failed"}, TRAIN_TIMEOUT_S)
+    assert status["phase"] == "Failed" and status["reason"] == "ValidationFailed"
+    assert any("minAccuracy" in t for t in status["validation"]["failedThresholds"]), status["validation"]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Validated"] == "False"
