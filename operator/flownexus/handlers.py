@@ -183,6 +183,20 @@ def reconcile_trainingjob(body: kopf.Body, **kwargs: Any) -> None:
     run_trainingjob(dict(body), kwargs.get("active_jobs_by_cluster"))
 
 
+def _ttl_pending(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    run_policy = dict(spec).get("runPolicy") or {}
+    return run_policy.get("ttlSecondsAfterFinished") is not None and dict(status).get("phase") in (
+        tj_reconciler.FINISHED
+    )
+
+
+# Only finished jobs with a TTL have this timer: it deletes them when their time is up.
+@kopf.timer(GROUP, VERSION, "trainingjobs", interval=15, when=_ttl_pending)
+def expire_trainingjob(body: kopf.Body, **kwargs: Any) -> None:
+    with contextlib.suppress(kopf.TemporaryError):
+        run_trainingjob(dict(body), kwargs.get("active_jobs_by_cluster"))
+
+
 @kopf.on.event(
     "batch", "v1", "jobs", labels={"app.kubernetes.io/part-of": "flownexus", "flownexus.io/trainingjob": kopf.PRESENT}
 )

@@ -101,10 +101,16 @@ def deployment_specs(draw: st.DrawFn) -> dict[str, Any]:
         "clusterRef": {"name": draw(st.from_regex(r"^[a-z][a-z0-9-]{0,20}[a-z0-9]$", fullmatch=True))},
         "model": {**source, "version": draw(st.from_regex(r"^[0-9][0-9.]{0,8}$", fullmatch=True))},
         "serving": {"batchSize": draw(st.integers(1, 1024)), "maxBatchDelayMs": draw(st.integers(0, 60000))},
-        "autoscaling": {"minReplicas": low, "maxReplicas": draw(st.integers(low, 1000)),
-                        "targetCpuUtilization": draw(st.integers(1, 100))},
-        "rollout": {"steps": draw(steps_strategy), "failedChecksBeforeRollback": draw(st.integers(1, 100)),
-                    "interval": f"{draw(st.integers(1, 600))}{draw(st.sampled_from('smh'))}"},
+        "autoscaling": {
+            "minReplicas": low,
+            "maxReplicas": draw(st.integers(low, 1000)),
+            "targetCpuUtilization": draw(st.integers(1, 100)),
+        },
+        "rollout": {
+            "steps": draw(steps_strategy),
+            "failedChecksBeforeRollback": draw(st.integers(1, 100)),
+            "interval": f"{draw(st.integers(1, 600))}{draw(st.sampled_from('smh'))}",
+        },
     }
 
 
@@ -117,16 +123,28 @@ def training_specs(draw: st.DrawFn) -> dict[str, Any]:
     procs = draw(st.integers(1, max(gpus, 1)))
     return {
         "clusterRef": {"name": "demo"},
-        "model": {"architecture": arch, "numHeads": heads, "dModel": heads * draw(st.integers(1, 32)),
-                  "hiddenSizes": draw(st.lists(st.integers(1, 512), min_size=1, max_size=4)),
-                  "dropout": draw(st.floats(0, 0.9))},
-        "dataset": draw(st.sampled_from([
-            {"source": "builtin", "name": "wine"},
-            {"source": "synthetic", "task": "regression", "split": "temporal"},
-            {"source": "file", "path": "d/x.npz", "task": "classification"},
-        ])),
-        "training": {"epochs": epochs, "scheduler": {"warmupEpochs": draw(st.integers(0, epochs - 1))},
-                     "learningRate": draw(st.floats(1e-6, 1.0)), "optimizer": draw(st.sampled_from(["adamw", "sgd"]))},
+        "model": {
+            "architecture": arch,
+            "numHeads": heads,
+            "dModel": heads * draw(st.integers(1, 32)),
+            "hiddenSizes": draw(st.lists(st.integers(1, 512), min_size=1, max_size=4)),
+            "dropout": draw(st.floats(0, 0.9)),
+        },
+        "dataset": draw(
+            st.sampled_from(
+                [
+                    {"source": "builtin", "name": "wine"},
+                    {"source": "synthetic", "task": "regression", "split": "temporal"},
+                    {"source": "file", "path": "d/x.npz", "task": "classification"},
+                ]
+            )
+        ),
+        "training": {
+            "epochs": epochs,
+            "scheduler": {"warmupEpochs": draw(st.integers(0, epochs - 1))},
+            "learningRate": draw(st.floats(1e-6, 1.0)),
+            "optimizer": draw(st.sampled_from(["adamw", "sgd"])),
+        },
         "distributed": {"workers": draw(st.integers(1, 512)), "procsPerWorker": procs, "gpusPerWorker": gpus},
         "runPolicy": {"maxRestarts": draw(st.integers(0, 100)), "suspend": draw(st.booleans())},
     }

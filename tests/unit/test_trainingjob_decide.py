@@ -167,3 +167,9 @@ def test_gang_not_yet_running_stays_created_and_running_never_flips_back() -> No
     assert decide(spec(), status(attempt=1, phase="Created"), starting, 1).status.phase == "Created"
     assert decide(spec(), status(attempt=2, phase="Restarting"), starting, 1).status.phase == "Restarting"
     assert decide(spec(), status(attempt=1, phase="Running"), starting, 1).status.phase == "Running"
+
+
+def test_job_deadline_failure_is_final_not_a_restart() -> None:
+    obs = replace(OK, worker_job=JobState.FAILED, worker_failure="DeadlineExceeded: Job was active longer")
+    plan = decide(spec(**{"spec.runPolicy.activeDeadlineSeconds": 600}), status(attempt=1, phase="Running"), obs, 1)
+    assert plan.status.reason == "DeadlineExceeded" and plan.create_attempt is None

@@ -187,6 +187,13 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
         _phase(plan, "Running", "Resumed", f"attempt {attempt} resumed from the latest checkpoint", generation)
         return plan
     if obs.worker_job is JobState.FAILED:
+        if obs.worker_failure.startswith("DeadlineExceeded"):
+            return _fail(
+                plan,
+                "DeadlineExceeded",
+                f"ran longer than spec.runPolicy.activeDeadlineSeconds ({deadline}s)",
+                generation,
+            )
         if attempt > spec.run_policy.max_restarts:
             return _fail(
                 plan,

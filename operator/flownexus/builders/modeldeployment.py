@@ -1,0 +1,607 @@
+"""Children of a ModelDeployment: TorchServe Deployments (stable, canary), their ConfigMap, Service, HPA, PDB,
+NetworkPolicy.
+
+TorchServe runs hardened: the management API listens on 127.0.0.1 only and is never on the Service, model
+registration through the API is off, the model store holds exactly one archive, and gRPC binds to loopback.
+An init container copies the archive from the artifact PVC into an emptyDir model store and renders
+``config.properties``: it reads the archive's own version from ``MAR-INF/MANIFEST.json``, because
+TorchServe applies per-model settings (batch size, delay, workers) only under that exact version key.
+The serving container therefore never mounts the artifact store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from ..api.modeldeployment import ModelDeploymentSpec
+from ..api.neuralcluster import NeuralClusterSpec
+from .common import Manifest, child_metadata, labels
+
+Track = Literal["stable", "canary"]
+
+INFERENCE_PORT = 8080
+MANAGEMENT_PORT = 8081  # 127.0.0.1 only
+METRICS_PORT = 8082
+# With token authorization on, TorchServe's own inference listener moves to loopback behind the auth proxy.
+UPSTREAM_INFERENCE_PORT = 8079
+ARTIFACT_ROOT = "/artifacts"
+TEMPLATE_DIR = "/etc/flownexus"
+SERVE_ROOT = "/srv/flownexus"
+MODEL_STORE = f"{SERVE_ROOT}/model-store"
+CONF_DIR = f"{SERVE_ROOT}/conf"
+RUN_DIR = f"{SERVE_ROOT}/run"  # TorchServe's working dir: logs/ and key_file.json
+TOKEN_DIR = "/var/run/secrets/flownexus/inference"
+RESPONSE_TIMEOUT_S = 120
+RUN_AS = 1000
+MD_LABEL = "flownexus.io/modeldeployment"
+TRACK_LABEL = "flownexus.io/track"
+VERSION_LABEL = "flownexus.io/version"
+CONFIG_HASH_ANNOTATION = "flownexus.io/config-hash"
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """Everything the builders need about one ModelDeployment, resolved once by the reconciler."""
+
+    owner: Manifest  # the ModelDeployment object (apiVersion, kind, metadata with uid)
+    spec: ModelDeploymentSpec
+    cluster: NeuralClusterSpec
+    artifact_claim: str
+
+    @property
+    def name(self) -> str:
+        return str(self.owner["metadata"]["name"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self.owner["metadata"]["namespace"])
+
+    @property
+    def model_name(self) -> str:
+        """The name TorchServe serves the model under: the ModelDeployment's, the same for every version."""
+        return self.name
+
+    @property
+    def token_auth(self) -> bool:
+        return self.spec.serving.inference_token_secret is not None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One version to run: what the stable or canary Deployment serves."""
+
+    version: str
+    archive: str  # relative to the artifact store root
+    training_job: str | None = None
+
+
+def deployment_name(name: str, track: Track) -> str:
+    return f"{name}-{track}"
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-serving"
+
+
+def service_name(name: str) -> str:
+    return name
+
+
+def endpoint(ctx: ServingContext) -> str:
+    return f"http://{service_name(ctx.name)}.{ctx.namespace}.svc:{INFERENCE_PORT}/predictions/{ctx.model_name}"
+
+
+def pod_prefix(name: str, track: Track) -> str:
+    """Pod names (and TorchServe's Hostname label) of a track start with this."""
+    return f"{deployment_name(name, track)}-"
+
+
+# ---- replica math -----------------------------------------------------------------------------------
+
+
+def canary_replicas(stable_current: int, weight: int, cap: int) -> int:
+    """Canary pods that give ``weight`` % of the traffic next to ``stable_current`` stable pods.
+
+    canary / (canary + stable) = w / 100  =>  canary = stable * w / (100 - w), rounded up so that a small weight
+    still gets one pod to analyse; capped (the achieved weight is then reported as it is). No stable pods:
+    no canary either, as it would take all the traffic.
+    """
+    if stable_current <= 0 or weight <= 0:
+        return 0
+    if weight >= 100:
+        return max(1, cap)
+    return max(1, min(cap, math.ceil(stable_current * weight / (100 - weight))))
+
+
+def achieved_weight(canary: int, stable: int) -> float | None:
+    """The traffic share (%) the replica ratio gives the canary, or None when nothing runs."""
+    total = canary + stable
+    return round(100.0 * canary / total, 1) if total > 0 else None
+
+
+def max_replicas(spec: ModelDeploymentSpec) -> int:
+    """Upper bound of one track: the HPA's maxReplicas (also the canary's cap without an HPA)."""
+    return max(spec.autoscaling.max_replicas, spec.serving.replicas)
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+def config_properties(ctx: ServingContext) -> str:
+    """The static part of TorchServe's config.properties; the init container appends ``models=``."""
+    inference_host = "127.0.0.1" if ctx.token_auth else "0.0.0.0"
+    inference_port = UPSTREAM_INFERENCE_PORT if ctx.token_auth else INFERENCE_PORT
+    lines = [
+        "# Rendered by the Flow Nexus operator; the init container appends the per-model settings.",
+        f"inference_address=http://{inference_host}:{inference_port}",
+        f"management_address=http://127.0.0.1:{MANAGEMENT_PORT}",
+        f"metrics_address=http://0.0.0.0:{METRICS_PORT}",
+        "grpc_inference_address=127.0.0.1",
+        "grpc_management_address=127.0.0.1",
+        "metrics_mode=prometheus",
+        "enable_metrics_api=true",
+        # The handler's latency histogram is exposed only when auto-detected (or declared in a metrics file).
+        "model_metrics_auto_detect=true",
+        # No model registration or scaling through the API: the operator owns what is served.
+        "enable_model_api=false",
+        f"model_store={MODEL_STORE}",
+        f"allowed_urls=file://{MODEL_STORE}/.*\\\\.mar",
+        f"load_models={ctx.model_name}={ctx.model_name}.mar",
+        "install_py_dep_per_model=false",
+        # Environment variables must not reconfigure a hardened server.
+        "enable_envvars_config=false",
+        f"default_workers_per_model={ctx.spec.serving.workers_per_model}",
+        f"default_response_timeout={RESPONSE_TIMEOUT_S}",
+        "async_logging=true",
+    ]
+    if ctx.token_auth:
+        # TorchServe's keys guard management and inference; the auth proxy holds the pod's inference key.
+        # Keys would expire after 60 minutes by default; the proxy reads the key file, which TorchServe
+        # rewrites, but a pod should not depend on the token API to stay up.
+        lines += ["disable_token_authorization=false", "token_expiration_min=5256000"]
+    else:
+        # TorchServe 0.12's token authorization cannot guard management alone: it also demands a per-pod,
+        # random, expiring key on inference, which clients behind a Service cannot know. Management is
+        # instead unreachable from outside the pod (loopback only, not on the Service, not in the
+        # NetworkPolicy). spec.serving.inferenceTokenSecret turns token authorization on with the proxy.
+        lines.append("disable_token_authorization=true")
+    return "\n".join(lines) + "\n"
+
+
+def model_settings(ctx: ServingContext) -> Manifest:
+    """The per-model settings TorchServe reads from ``models={name: {version: ...}}``."""
+    serving = ctx.spec.serving
+    return {
+        "marName": f"{ctx.model_name}.mar",
+        "minWorkers": serving.workers_per_model,
+        "maxWorkers": serving.workers_per_model,
+        "batchSize": serving.batch_size,
+        "maxBatchDelay": serving.max_batch_delay_ms,
+        "responseTimeout": RESPONSE_TIMEOUT_S,
+        "defaultVersion": True,
+    }
+
+
+PREPARE_SCRIPT = '''\
+"""Flow Nexus init container: copy the model archive into the model store, render config.properties."""
+import json, os, shutil, sys, zipfile
+
+archive, name = os.environ["FLOWNEXUS_ARCHIVE"], os.environ["FLOWNEXUS_MODEL_NAME"]
+store, conf, template = os.environ["FLOWNEXUS_MODEL_STORE"], os.environ["FLOWNEXUS_CONF_DIR"], sys.argv[1]
+if not os.path.isfile(archive):
+    sys.exit(f"model archive {archive} does not exist in the artifact store")
+try:
+    with zipfile.ZipFile(archive) as mar:
+        version = str(json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"])
+except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+    sys.exit(f"{archive} is not a TorchServe model archive: {exc}")
+target = os.path.join(store, name + ".mar")
+shutil.copyfile(archive, target + ".part")
+os.replace(target + ".part", target)
+with open(os.path.join(template, "model-settings.json"), encoding="utf-8") as f:
+    settings = json.load(f)
+with open(os.path.join(template, "config.properties"), encoding="utf-8") as f:
+    properties = f.read()
+properties += "models=" + json.dumps({name: {version: settings}}, separators=(",", ":")) + "\\n"
+with open(os.path.join(conf, "config.properties"), "w", encoding="utf-8") as f:
+    f.write(properties)
+print(f"serving {archive} as {name} version {version}")
+'''
+
+PROBE_SCRIPT = '''\
+"""Flow Nexus readiness: the model is registered and at least one worker is READY (describe-model)."""
+import json, os, sys, urllib.request
+
+name, port = os.environ["FLOWNEXUS_MODEL_NAME"], os.environ["FLOWNEXUS_MANAGEMENT_PORT"]
+request = urllib.request.Request(f"http://127.0.0.1:{port}/models/{name}")
+key_file = os.path.join(os.environ["FLOWNEXUS_RUN_DIR"], "key_file.json")
+if os.path.exists(key_file):
+    with open(key_file, encoding="utf-8") as f:
+        request.add_header("Authorization", "Bearer " + json.load(f)["management"]["key"])
+try:
+    with urllib.request.urlopen(request, timeout=3) as resp:
+        models = json.load(resp)
+except Exception as exc:
+    sys.exit(f"describe-model failed: {exc}")
+workers = [w for m in models for w in m.get("workers", [])]
+if not any(w.get("status") == "READY" for w in workers):
+    sys.exit(f"model {name} has no READY worker: {workers}")
+'''
+
+AUTH_PROXY_SCRIPT = '''\
+"""Flow Nexus inference auth proxy: admits requests bearing the Secret's token, forwards them to TorchServe
+on loopback with the pod's own TorchServe inference key. /ping stays open for the liveness probe."""
+import hmac, http.client, http.server, json, os
+
+LISTEN, UPSTREAM = int(os.environ["FLOWNEXUS_PROXY_PORT"]), int(os.environ["FLOWNEXUS_UPSTREAM_PORT"])
+KEY_FILE = os.path.join(os.environ["FLOWNEXUS_RUN_DIR"], "key_file.json")
+with open(os.environ["FLOWNEXUS_TOKEN_FILE"], "rb") as f:
+    EXPECTED = b"Bearer " + f.read().strip()
+HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-authorization", "authorization",
+       "content-length", "host"}
+
+
+def torchserve_key():
+    with open(KEY_FILE, encoding="utf-8") as f:
+        return json.load(f)["inference"]["key"]
+
+
+class Proxy(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def forward(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        given = (self.headers.get("Authorization") or "").encode()
+        if self.path != "/ping" and not hmac.compare_digest(given, EXPECTED):
+            self.reply(401, b'{"code": 401, "message": "missing or wrong bearer token"}', "application/json")
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+        try:
+            headers["Authorization"] = "Bearer " + torchserve_key()
+            conn = http.client.HTTPConnection("127.0.0.1", UPSTREAM, timeout=300)
+            conn.request(self.command, self.path, body, headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except Exception as exc:
+            self.reply(503, json.dumps({"code": 503, "message": f"TorchServe unavailable: {exc}"}).encode(),
+                       "application/json")
+            return
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in HOP:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+    def reply(self, code, data, content_type):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = forward
+
+    def log_message(self, *args):
+        pass
+
+
+if __name__ == "__main__":
+    http.server.ThreadingHTTPServer(("0.0.0.0", LISTEN), Proxy).serve_forever()
+'''
+
+
+def build_config_map(ctx: ServingContext) -> Manifest:
+    data = {
+        "config.properties": config_properties(ctx),
+        "model-settings.json": json.dumps(model_settings(ctx), indent=2, sort_keys=True),
+        "prepare.py": PREPARE_SCRIPT,
+        "probe.py": PROBE_SCRIPT,
+    }
+    if ctx.token_auth:
+        data["auth_proxy.py"] = AUTH_PROXY_SCRIPT
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(ctx.owner, config_map_name(ctx.name), "server-config"),
+        "data": data,
+    }
+
+
+def config_hash(config_map: Manifest) -> str:
+    """A digest of the ConfigMap: in the pod template, so that a config change rolls the pods."""
+    return hashlib.sha256(json.dumps(config_map["data"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- pods -----------------------------------------------------------------------------------------
+
+
+def selector_labels(name: str, track: Track | None = None) -> dict[str, str]:
+    selector = {MD_LABEL: name}
+    if track is not None:
+        selector[TRACK_LABEL] = track
+    return selector
+
+
+def _placement(ctx: ServingContext) -> Manifest:
+    placement: Manifest = {}
+    if ctx.cluster.serving.node_selector:
+        placement["nodeSelector"] = dict(ctx.cluster.serving.node_selector)
+    if ctx.cluster.serving.tolerations:
+        placement["tolerations"] = [t.to_wire() for t in ctx.cluster.serving.tolerations]
+    return placement
+
+
+def _exec_probe(period: int, failures: int, timeout: int = 5) -> Manifest:
+    return {
+        "exec": {"command": ["python", f"{TEMPLATE_DIR}/probe.py"]},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+_RESTRICTED: Manifest = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _server_container(ctx: ServingContext) -> Manifest:
+    resources = (ctx.spec.serving.resources or ctx.cluster.default_serving_resources).to_wire()
+    ports = [{"name": "metrics", "containerPort": METRICS_PORT}]
+    if not ctx.token_auth:
+        ports.insert(0, {"name": "inference", "containerPort": INFERENCE_PORT})
+    return {
+        "name": "torchserve",
+        "image": ctx.cluster.images.server,
+        "imagePullPolicy": ctx.cluster.images.pull_policy,
+        "command": [
+            "torchserve",
+            "--foreground",
+            "--ncs",  # no config snapshots: the operator's config is the only one
+            "--ts-config",
+            f"{CONF_DIR}/config.properties",
+            "--model-store",
+            MODEL_STORE,
+        ],
+        "workingDir": RUN_DIR,
+        "env": [
+            {"name": "HOME", "value": RUN_DIR},
+            {"name": "FLOWNEXUS_MODEL_NAME", "value": ctx.model_name},
+            {"name": "FLOWNEXUS_MANAGEMENT_PORT", "value": str(MANAGEMENT_PORT)},
+            {"name": "FLOWNEXUS_RUN_DIR", "value": RUN_DIR},
+            {"name": "OMP_NUM_THREADS", "value": "1"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "ports": ports,
+        "resources": resources,
+        # Ready = the model is registered and a worker is READY (describe-model on the loopback management API).
+        "startupProbe": _exec_probe(period=5, failures=60),
+        "readinessProbe": _exec_probe(period=10, failures=3),
+        "livenessProbe": _exec_probe(period=20, failures=3, timeout=10),
+        "volumeMounts": [
+            {"name": "templates", "mountPath": TEMPLATE_DIR, "readOnly": True},
+            {"name": "model-store", "mountPath": MODEL_STORE, "readOnly": True},
+            {"name": "conf", "mountPath": CONF_DIR, "readOnly": True},
+            {"name": "run", "mountPath": RUN_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": dict(_RESTRICTED),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _proxy_container(ctx: ServingContext) -> Manifest:
+    return {
+        "name": "auth-proxy",
+        "image": ctx.cluster.images.server,
+        "imagePullPolicy": ctx.cluster.images.pull_policy,
+        "command": ["python", f"{TEMPLATE_DIR}/auth_proxy.py"],
+        "env": [
+            {"name": "FLOWNEXUS_PROXY_PORT", "value": str(INFERENCE_PORT)},
+            {"name": "FLOWNEXUS_UPSTREAM_PORT", "value": str(UPSTREAM_INFERENCE_PORT)},
+            {"name": "FLOWNEXUS_RUN_DIR", "value": RUN_DIR},
+            {"name": "FLOWNEXUS_TOKEN_FILE", "value": f"{TOKEN_DIR}/key"},
+        ],
+        "ports": [{"name": "inference", "containerPort": INFERENCE_PORT}],
+        "readinessProbe": {"tcpSocket": {"port": INFERENCE_PORT}, "periodSeconds": 10},
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}},
+        "volumeMounts": [
+            {"name": "templates", "mountPath": TEMPLATE_DIR, "readOnly": True},
+            {"name": "run", "mountPath": RUN_DIR, "readOnly": True},
+            {"name": "inference-token", "mountPath": TOKEN_DIR, "readOnly": True},
+        ],
+        "securityContext": dict(_RESTRICTED),
+    }
+
+
+def _prepare_container(ctx: ServingContext, model: ServedModel) -> Manifest:
+    return {
+        "name": "fetch-model",
+        "image": ctx.cluster.images.server,
+        "imagePullPolicy": ctx.cluster.images.pull_policy,
+        "command": ["python", f"{TEMPLATE_DIR}/prepare.py", TEMPLATE_DIR],
+        "env": [
+            {"name": "FLOWNEXUS_ARCHIVE", "value": f"{ARTIFACT_ROOT}/{model.archive}"},
+            {"name": "FLOWNEXUS_MODEL_NAME", "value": ctx.model_name},
+            {"name": "FLOWNEXUS_MODEL_STORE", "value": MODEL_STORE},
+            {"name": "FLOWNEXUS_CONF_DIR", "value": CONF_DIR},
+        ],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
+        "volumeMounts": [
+            {"name": "artifacts", "mountPath": ARTIFACT_ROOT, "readOnly": True},
+            {"name": "templates", "mountPath": TEMPLATE_DIR, "readOnly": True},
+            {"name": "model-store", "mountPath": MODEL_STORE},
+            {"name": "conf", "mountPath": CONF_DIR},
+        ],
+        "securityContext": dict(_RESTRICTED),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def build_deployment(
+    ctx: ServingContext, track: Track, model: ServedModel, replicas: int | None, config_digest: str
+) -> Manifest:
+    """The Deployment of one track. ``replicas=None`` leaves the count to the HPA (omitted from the patch)."""
+    pod_labels = {**selector_labels(ctx.name, track), VERSION_LABEL: model.version}
+    meta = child_metadata(ctx.owner, deployment_name(ctx.name, track), "server", **pod_labels)
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(METRICS_PORT),
+        "prometheus.io/path": "/metrics",
+        CONFIG_HASH_ANNOTATION: config_digest,
+        "flownexus.io/archive": model.archive,
+    }
+    if model.training_job:
+        annotations["flownexus.io/trainingjob"] = model.training_job
+    volumes: list[Manifest] = [
+        {"name": "artifacts", "persistentVolumeClaim": {"claimName": ctx.artifact_claim, "readOnly": True}},
+        {"name": "templates", "configMap": {"name": config_map_name(ctx.name)}},
+        {"name": "model-store", "emptyDir": {}},
+        {"name": "conf", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        {"name": "run", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+    ]
+    containers = [_server_container(ctx)]
+    secret = ctx.spec.serving.inference_token_secret
+    if secret is not None:
+        containers.append(_proxy_container(ctx))
+        volumes.append(
+            {"name": "inference-token", "secret": {"secretName": secret, "items": [{"key": "key", "path": "key"}]}}
+        )
+    spec: Manifest = {
+        "selector": {"matchLabels": selector_labels(ctx.name, track)},
+        "revisionHistoryLimit": 3,
+        "progressDeadlineSeconds": 600,
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {
+            "metadata": {"labels": dict(meta["labels"]), "annotations": annotations},
+            "spec": {
+                # TorchServe needs no API rights.
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": RUN_AS,
+                    "runAsGroup": RUN_AS,
+                    "fsGroup": RUN_AS,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "terminationGracePeriodSeconds": 30,
+                **_placement(ctx),
+                "initContainers": [_prepare_container(ctx, model)],
+                "containers": containers,
+                "volumes": volumes,
+            },
+        },
+    }
+    if replicas is not None:
+        spec["replicas"] = replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
+
+
+# ---- traffic, scaling, disruption, network ----------------------------------------------------------
+
+
+def build_service(ctx: ServingContext, route_canary: bool) -> Manifest:
+    """The inference port only. Selecting both tracks splits traffic by replica ratio; stable-only sends all
+    traffic to stable (the first step of the rollback runbook)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(ctx.owner, service_name(ctx.name), "server"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(ctx.name, None if route_canary else "stable"),
+            "ports": [{"name": "http", "port": INFERENCE_PORT, "targetPort": "inference", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_hpa(ctx: ServingContext) -> Manifest | None:
+    """The stable Deployment's HPA (CPU, optionally requests per second per pod); None when disabled."""
+    auto = ctx.spec.autoscaling
+    if not auto.enabled:
+        return None
+    metrics: list[Manifest] = [
+        {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": auto.target_cpu_utilization},
+            },
+        }
+    ]
+    if auto.target_requests_per_second is not None:
+        # Served by a custom metrics adapter (e.g. prometheus-adapter) from TorchServe's request counter.
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": "ts_inference_requests_per_second"},
+                    "target": {"type": "AverageValue", "averageValue": _quantity(auto.target_requests_per_second)},
+                },
+            }
+        )
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": child_metadata(ctx.owner, deployment_name(ctx.name, "stable"), "server"),
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": deployment_name(ctx.name, "stable"),
+            },
+            "minReplicas": auto.min_replicas,
+            "maxReplicas": auto.max_replicas,
+            "metrics": metrics,
+        },
+    }
+
+
+def _quantity(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
+
+
+def build_pdb(ctx: ServingContext) -> Manifest:
+    """At most one serving pod of the deployment down at a time by voluntary disruption (drains)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": child_metadata(ctx.owner, ctx.name, "server"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ctx.name)}},
+    }
+
+
+def build_network_policy(ctx: ServingContext) -> Manifest:
+    """Ingress to the inference port from pods in the cluster and to the metrics port for scraping; nothing
+    else (the management API is on loopback anyway)."""
+    in_cluster = [{"namespaceSelector": {}}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(ctx.owner, ctx.name, "server"),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(ctx.name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": in_cluster, "ports": [{"protocol": "TCP", "port": INFERENCE_PORT}]},
+                {"from": in_cluster, "ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
+            ],
+        },
+    }
+
+
+def child_labels(ctx: ServingContext) -> dict[str, str]:
+    """Labels every child carries (for ``kubectl get all -l``)."""
+    return labels(ctx.owner["kind"], ctx.name, "server")

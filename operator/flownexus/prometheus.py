@@ -1,0 +1,169 @@
+"""Prometheus behind a small interface: ``query(promql) -> float | NoData``, plus the canary's PromQL presets.
+
+"No data" is its own outcome, never a silent zero: an empty result, NaN, or an unreachable Prometheus all
+come back as :class:`NoData` with the reason, and the canary waits instead of reading them as healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+# The TorchServe handler publishes this histogram (model_metrics_auto_detect=true exposes it on the metrics
+# port). Its unit is seconds because the frontend's Prometheus buckets are fixed (0.005 ... 10 s): in
+# milliseconds every request above 10 ms would land in +Inf and p99 could not be measured. TorchServe adds
+# the ``Hostname`` label to every backend metric.
+LATENCY_HISTOGRAM = "flownexus_inference_latency_seconds"
+LATENCY_MODEL_LABEL = "ModelName"
+LATENCY_VERSION_LABEL = "ModelVersion"
+# TorchServe frontend counters: requests per model (lowercase labels) and HTTP 5xx per host (no model label).
+REQUESTS_TOTAL = "ts_inference_requests_total"
+REQUESTS_5XX = "Requests5XX"
+
+
+@dataclass(frozen=True)
+class NoData:
+    """The query answered nothing usable; ``reason`` says why (empty result, NaN, Prometheus unreachable)."""
+
+    reason: str
+
+
+QueryResult = float | NoData
+
+
+class MetricsProvider(Protocol):
+    """What the canary analysis needs from a metrics backend."""
+
+    def query(self, promql: str) -> QueryResult:
+        """The scalar value of an instant query, or NoData."""
+        ...
+
+
+@dataclass(frozen=True)
+class CanarySelector:
+    """Which series belong to the canary.
+
+    Pods are selected by hostname, which TorchServe sets to the pod name (``<md>-canary-<hash>-<id>``), so
+    the queries need no relabelling in the scrape config. ``archive_version`` (the version in the archive's
+    manifest, when the operator knows it) narrows the series further, so that a previous canary's pods that
+    died inside the window do not count.
+    """
+
+    model_name: str
+    pod_prefix: str
+    archive_version: str | None = None
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _regex_escape(value: str) -> str:
+    # Pod names are DNS labels; only "." needs escaping in an RE2 regex.
+    return value.replace(".", "\\\\.")
+
+
+def _matchers(pairs: list[tuple[str, str, str]]) -> str:
+    return "{" + ",".join(f'{label}{op}"{value}"' for label, op, value in pairs) + "}"
+
+
+def _requests_selector(sel: CanarySelector) -> str:
+    pairs = [("model_name", "=", _escape(sel.model_name)), ("hostname", "=~", _regex_escape(sel.pod_prefix) + ".+")]
+    if sel.archive_version:
+        pairs.append(("model_version", "=", _escape(sel.archive_version)))
+    return REQUESTS_TOTAL + _matchers(pairs)
+
+
+def error_rate_query(sel: CanarySelector, window: str) -> str:
+    """Share of the canary's inference requests answered 5xx over ``window``, as ``rate()`` of counters.
+
+    ``Requests5XX`` counts per host only, so it is joined on ``Hostname`` with the hosts that serve this model
+    (and version) right now. A host that never answered 5xx has no ``Requests5XX`` series at all, hence the
+    ``or vector(0)`` on the numerator; the denominator is not defaulted, so no requests means no data.
+    """
+    requests = _requests_selector(sel)
+    errors = REQUESTS_5XX + _matchers([("Hostname", "=~", _regex_escape(sel.pod_prefix) + ".+")])
+    serving_hosts = f'label_replace({requests}, "Hostname", "$1", "hostname", "(.*)")'
+    return (
+        f"(sum(rate({errors}[{window}]) and on (Hostname) {serving_hosts}) or vector(0))"
+        f" / sum(rate({requests}[{window}]))"
+    )
+
+
+def latency_p99_ms_query(sel: CanarySelector, window: str) -> str:
+    """p99 latency of the canary in milliseconds from the handler's histogram buckets over ``window``."""
+    pairs = [
+        (LATENCY_MODEL_LABEL, "=", _escape(sel.model_name)),
+        ("Hostname", "=~", _regex_escape(sel.pod_prefix) + ".+"),
+    ]
+    if sel.archive_version:
+        pairs.append((LATENCY_VERSION_LABEL, "=", _escape(sel.archive_version)))
+    buckets = f"{LATENCY_HISTOGRAM}_bucket{_matchers(pairs)}"
+    return f"histogram_quantile(0.99, sum by (le) (rate({buckets}[{window}]))) * 1000"
+
+
+class PrometheusError(Exception):
+    """Prometheus answered, but not with a usable result (bad query, server error)."""
+
+
+class HttpPrometheus:
+    """A MetricsProvider for Prometheus' HTTP API (``GET /api/v1/query``), with the standard library only."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def query(self, promql: str) -> QueryResult:
+        """One instant query; a transport failure is NoData (the canary waits), a rejected query raises."""
+        url = f"{self.base_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as resp:  # noqa: S310 (http(s) from the spec)
+                body = json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as exc:
+            detail = _error_detail(exc)
+            if exc.code in (400, 422):
+                raise PrometheusError(f"Prometheus rejected the query: {detail}") from exc
+            return NoData(f"Prometheus answered HTTP {exc.code}: {detail}")
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            return NoData(f"Prometheus at {self.base_url} is unreachable: {exc}")
+        except json.JSONDecodeError as exc:
+            return NoData(f"Prometheus answered something that is not JSON: {exc.msg}")
+        return parse_response(body)
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read().decode("utf-8"))
+        return str(body.get("error") or body)
+    except (ValueError, OSError):
+        return str(exc.reason)
+
+
+def parse_response(body: dict[str, Any]) -> QueryResult:
+    """The single value of a Prometheus query response; anything else is NoData with the reason."""
+    if body.get("status") != "success":
+        raise PrometheusError(f"Prometheus query failed: {body.get('errorType')}: {body.get('error')}")
+    data = body.get("data") or {}
+    kind, result = data.get("resultType"), data.get("result")
+    if kind == "scalar":
+        raw = result[1] if isinstance(result, list) and len(result) == 2 else None
+    elif kind == "vector":
+        if not result:
+            return NoData("the query returned no series")
+        if len(result) > 1:
+            return NoData(f"the query returned {len(result)} series, expected one")
+        raw = result[0].get("value", [None, None])[1]
+    else:
+        return NoData(f"unexpected result type {kind!r}")
+    try:
+        value = float(raw)  # Prometheus sends numbers as strings: "0.01", "NaN", "+Inf"
+    except (TypeError, ValueError):
+        return NoData(f"the query returned a non-number {raw!r}")
+    if math.isnan(value):
+        return NoData("the query returned NaN (no requests in the window)")
+    return value
