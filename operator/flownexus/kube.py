@@ -70,6 +70,16 @@ def ensure(manifest: Manifest, *, patch_existing: bool = True) -> Manifest:
         return patched
 
 
+def patch(api_version: str, kind: str, namespace: str, name: str, body: Manifest) -> Manifest:
+    """Merge-patch part of an existing object (``None`` values remove keys, e.g. from a selector)."""
+    patched: Manifest = (
+        _resource(api_version, kind)
+        .patch(body=body, name=name, namespace=namespace, content_type="application/merge-patch+json")
+        .to_dict()
+    )
+    return patched
+
+
 def delete(api_version: str, kind: str, namespace: str, name: str, *, propagation: str = "Background") -> bool:
     """Delete the object; False when it was already gone."""
     try:

@@ -49,9 +49,11 @@ class CanarySelector:
     """Which series belong to the canary.
 
     Pods are selected by hostname, which TorchServe sets to the pod name (``<md>-canary-<hash>-<id>``), so
-    the queries need no relabelling in the scrape config. ``archive_version`` (the version in the archive's
-    manifest, when the operator knows it) narrows the series further, so that a previous canary's pods that
-    died inside the window do not count.
+    the queries need no relabelling in the scrape config; every rate is then kept only for hosts that are
+    scraped right now (``and on (hostname)`` with the instant vector), so a previous canary's pods that died
+    inside the window do not count. ``archive_version`` (the version in the archive's manifest, when the
+    operator knows it) narrows the latency histogram further. ``ts_inference_requests_total`` cannot be
+    narrowed by version: its ``model_version`` label is "default" for requests that name no version.
     """
 
     model_name: str
@@ -72,26 +74,26 @@ def _matchers(pairs: list[tuple[str, str, str]]) -> str:
     return "{" + ",".join(f'{label}{op}"{value}"' for label, op, value in pairs) + "}"
 
 
-def _requests_selector(sel: CanarySelector) -> str:
-    pairs = [("model_name", "=", _escape(sel.model_name)), ("hostname", "=~", _regex_escape(sel.pod_prefix) + ".+")]
-    if sel.archive_version:
-        pairs.append(("model_version", "=", _escape(sel.archive_version)))
-    return REQUESTS_TOTAL + _matchers(pairs)
+def _live_rate(series: str, window: str, host_label: str) -> str:
+    """rate() of ``series`` over the window, only for hosts that are being scraped now."""
+    return f"(rate({series}[{window}]) and on ({host_label}) {series})"
 
 
 def error_rate_query(sel: CanarySelector, window: str) -> str:
     """Share of the canary's inference requests answered 5xx over ``window``, as ``rate()`` of counters.
 
-    ``Requests5XX`` counts per host only, so it is joined on ``Hostname`` with the hosts that serve this model
-    (and version) right now. A host that never answered 5xx has no ``Requests5XX`` series at all, hence the
-    ``or vector(0)`` on the numerator; the denominator is not defaulted, so no requests means no data.
+    ``Requests5XX`` counts per host only (and no model label), so it is joined on ``Hostname`` with the hosts
+    that serve this model right now. A host that never answered 5xx has no ``Requests5XX`` series at all,
+    hence the ``or vector(0)`` on the numerator; the denominator is not defaulted, so no requests in the
+    window means no data (0/0 is NaN, no series is an empty result).
     """
-    requests = _requests_selector(sel)
-    errors = REQUESTS_5XX + _matchers([("Hostname", "=~", _regex_escape(sel.pod_prefix) + ".+")])
+    hosts = _regex_escape(sel.pod_prefix) + ".+"
+    requests = REQUESTS_TOTAL + _matchers([("model_name", "=", _escape(sel.model_name)), ("hostname", "=~", hosts)])
+    errors = REQUESTS_5XX + _matchers([("Hostname", "=~", hosts)])
     serving_hosts = f'label_replace({requests}, "Hostname", "$1", "hostname", "(.*)")'
     return (
         f"(sum(rate({errors}[{window}]) and on (Hostname) {serving_hosts}) or vector(0))"
-        f" / sum(rate({requests}[{window}]))"
+        f" / sum{_live_rate(requests, window, 'hostname')}"
     )
 
 
@@ -104,7 +106,7 @@ def latency_p99_ms_query(sel: CanarySelector, window: str) -> str:
     if sel.archive_version:
         pairs.append((LATENCY_VERSION_LABEL, "=", _escape(sel.archive_version)))
     buckets = f"{LATENCY_HISTOGRAM}_bucket{_matchers(pairs)}"
-    return f"histogram_quantile(0.99, sum by (le) (rate({buckets}[{window}]))) * 1000"
+    return f"histogram_quantile(0.99, sum by (le) {_live_rate(buckets, window, 'Hostname')}) * 1000"
 
 
 class PrometheusError(Exception):
@@ -122,7 +124,7 @@ class HttpPrometheus:
         """One instant query; a transport failure is NoData (the canary waits), a rejected query raises."""
         url = f"{self.base_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as resp:  # noqa: S310 (http(s) from the spec)
+            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
                 body = json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
             detail = _error_detail(exc)
@@ -161,7 +163,7 @@ def parse_response(body: dict[str, Any]) -> QueryResult:
     else:
         return NoData(f"unexpected result type {kind!r}")
     try:
-        value = float(raw)  # Prometheus sends numbers as strings: "0.01", "NaN", "+Inf"
+        value = float(raw)  # type: ignore[arg-type]  # Prometheus sends numbers as strings: "0.01", "NaN", "+Inf"
     except (TypeError, ValueError):
         return NoData(f"the query returned a non-number {raw!r}")
     if math.isnan(value):

@@ -19,7 +19,7 @@ from typing import Literal
 
 from ..api.modeldeployment import ModelDeploymentSpec
 from ..api.neuralcluster import NeuralClusterSpec
-from .common import Manifest, child_metadata, labels
+from .common import Manifest, child_metadata
 
 Track = Literal["stable", "canary"]
 
@@ -586,7 +586,7 @@ def build_pdb(ctx: ServingContext) -> Manifest:
 def build_network_policy(ctx: ServingContext) -> Manifest:
     """Ingress to the inference port from pods in the cluster and to the metrics port for scraping; nothing
     else (the management API is on loopback anyway)."""
-    in_cluster = [{"namespaceSelector": {}}]
+    in_cluster: list[Manifest] = [{"namespaceSelector": {}}]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -600,8 +600,3 @@ def build_network_policy(ctx: ServingContext) -> Manifest:
             ],
         },
     }
-
-
-def child_labels(ctx: ServingContext) -> dict[str, str]:
-    """Labels every child carries (for ``kubectl get all -l``)."""
-    return labels(ctx.owner["kind"], ctx.name, "server")

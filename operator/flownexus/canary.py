@@ -1,0 +1,528 @@
+"""The ModelDeployment life cycle as a pure state machine: status + what was observed in, a Plan out.
+
+One transition per tick; every bit of state (phase, step, failed checks, when the step began, the last
+analysis) lives in status, so a restarted operator takes the same decision from the same status. Read it
+top to bottom: :func:`decide` dispatches on the phase, one small function per phase.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Literal
+
+from .api.modeldeployment import (
+    AnalysisResult,
+    CanaryState,
+    HistoryEntry,
+    ModelDeploymentSpec,
+    ModelDeploymentStatus,
+    ServedVersion,
+)
+from .builders.common import set_condition
+from .builders.modeldeployment import achieved_weight, canary_replicas, max_replicas
+from .prometheus import NoData, QueryResult
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+HISTORY_LIMIT = 50  # entries kept in status.history
+
+
+class Phase(StrEnum):
+    """Where a ModelDeployment is; the value is what status.phase holds."""
+
+    PENDING = "Pending"  # nothing served yet: waiting for a Validated TrainingJob or a Ready NeuralCluster
+    PROGRESSING = "Progressing"  # the stable Deployment is rolling out and not ready yet
+    AVAILABLE = "Available"  # the stable version serves all traffic and is ready
+    CANARY = "Canary"  # a new version takes a step's share of the traffic and is analysed every interval
+    PROMOTING = "Promoting"  # every step passed: stable switches to the new version, then the canary goes
+    ROLLED_BACK = "RolledBack"  # the canary failed its checks; stable serves all traffic, canary at zero
+    FAILED = "Failed"  # nothing served and the spec cannot work as it is (e.g. its TrainingJob failed)
+
+
+ACTIVE_PHASES = {Phase.PROGRESSING.value, Phase.CANARY.value, Phase.PROMOTING.value}
+
+
+def wants_tick(spec: ModelDeploymentSpec, status: ModelDeploymentStatus) -> bool:
+    """Whether the periodic timer has anything to do: a rollout under way, or something to wait for.
+
+    Idle deployments (Available at the wanted version, RolledBack at the failed one, Failed) cost nothing.
+    """
+    phase = status.phase
+    if phase in ACTIVE_PHASES or phase in (None, Phase.PENDING.value):
+        return True
+    if status.stable is None or spec.model.version == status.stable.version:
+        return False
+    if phase == Phase.ROLLED_BACK.value:
+        failed = next((h.version for h in reversed(status.history) if h.outcome == "RolledBack"), None)
+        return spec.model.version != failed
+    return phase != Phase.FAILED.value
+
+
+@dataclass(frozen=True)
+class Source:
+    """What spec.model resolves to: a servable archive of the requested version."""
+
+    version: str
+    archive: str  # relative to the artifact store root
+    training_job: str | None = None
+    archive_version: str | None = None  # the version in the archive's manifest, when known
+    metrics: dict[str, float] | None = None  # at validation
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """What one of our Deployments looks like now."""
+
+    replicas: int  # spec.replicas (the HPA's choice for stable)
+    ready: int
+    version: str | None  # the flownexus.io/version label of its pod template
+    rolled_out: bool  # the controller has finished rolling out the current template
+    failure: str | None = None  # ProgressDeadlineExceeded and the like
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One analysis of the canary, as Prometheus answered."""
+
+    error_rate: QueryResult
+    latency_p99_ms: QueryResult
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the reconciler saw this pass."""
+
+    now: datetime
+    cluster_problem: str = ""  # non-empty: the NeuralCluster cannot be used
+    source: Source | None = None
+    source_problem: str = ""  # why spec.model is not servable (yet)
+    source_final: bool = False  # it never will be as the spec stands (the TrainingJob failed)
+    stable: DeploymentView | None = None
+    canary: DeploymentView | None = None
+    measurement: Measurement | None = None  # present only when analysis_due() said so
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+CanaryAction = Literal["none", "ensure", "scale_to_zero", "delete"]
+
+
+@dataclass
+class Plan:
+    """What to do this pass. The executor applies it in a fixed order that doubles as the rollback runbook:
+    stable Deployment, canary Deployment (ensure), Service routing, Events, canary to zero / delete, status."""
+
+    status: ModelDeploymentStatus
+    route: Literal["stable", "both"] = "stable"
+    canary_action: CanaryAction = "none"
+    events: list[Event] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)  # for the CANARY_DECISIONS metric
+
+
+def now_str(now: datetime) -> str:
+    return now.astimezone(UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=UTC) if value else None
+
+
+def parse_duration(value: str) -> float:
+    """Seconds in ``30s`` / ``1m`` / ``2h`` (the API pattern allows nothing else)."""
+    return float(value[:-1]) * {"s": 1, "m": 60, "h": 3600}[value[-1]]
+
+
+# ---- analysis ---------------------------------------------------------------------------------------
+
+
+def seconds_to_next_analysis(spec: ModelDeploymentSpec, status: ModelDeploymentStatus, now: datetime) -> float | None:
+    """Seconds until the canary's next analysis (<= 0: due now); None when no canary is under analysis.
+
+    Analyses fall in slots anchored at the step's start (start + k x interval), so a tick that runs late does
+    not push every later analysis back: N failed checks take at most N x interval + one tick.
+    """
+    canary = status.canary
+    if status.phase != Phase.CANARY.value or canary is None:
+        return None
+    started = parse_time(canary.step_started_at)
+    if started is None:
+        return 0.0
+    interval = parse_duration(spec.rollout.interval)
+    analysed = parse_time(status.last_analysis.time) if status.last_analysis else None
+    done_slots = 0
+    if analysed is not None and analysed >= started:
+        done_slots = math.floor((analysed - started).total_seconds() / interval)
+    due = started + timedelta(seconds=(done_slots + 1) * interval)
+    return (due - now).total_seconds()
+
+
+def analysis_due(spec: ModelDeploymentSpec, status: ModelDeploymentStatus, now: datetime) -> bool:
+    """Whether the reconciler must query Prometheus before deciding (one analysis per interval)."""
+    left = seconds_to_next_analysis(spec, status, now)
+    return left is not None and left <= 0
+
+
+def evaluate(spec: ModelDeploymentSpec, m: Measurement, now: datetime) -> AnalysisResult:
+    """Passed, Failed (naming every threshold that failed, with its value) or NoData (with why)."""
+    limits = spec.rollout.thresholds
+    failed: list[str] = []
+    missing: list[str] = []
+    error_rate = None if isinstance(m.error_rate, NoData) else m.error_rate
+    p99 = None if isinstance(m.latency_p99_ms, NoData) else m.latency_p99_ms
+    if isinstance(m.error_rate, NoData):
+        missing.append(f"error rate: {m.error_rate.reason}")
+    elif m.error_rate > limits.max_error_rate:
+        failed.append(f"error rate {m.error_rate:.4f} > {limits.max_error_rate}")
+    if isinstance(m.latency_p99_ms, NoData):
+        missing.append(f"p99 latency: {m.latency_p99_ms.reason}")
+    elif not math.isfinite(m.latency_p99_ms) or m.latency_p99_ms > limits.max_latency_p99_ms:
+        failed.append(f"p99 latency {m.latency_p99_ms:.1f} ms > {limits.max_latency_p99_ms} ms")
+    if failed:  # a measured failure counts even when the other query had no data
+        outcome, message = "Failed", "; ".join(failed)
+    elif missing:
+        outcome, message = "NoData", "; ".join(missing)
+    else:
+        outcome = "Passed"
+        message = (
+            f"error rate {error_rate:.4f} <= {limits.max_error_rate}, "
+            f"p99 {p99:.1f} ms <= {limits.max_latency_p99_ms} ms"
+        )
+    return AnalysisResult(
+        time=now_str(now),
+        outcome=outcome,
+        error_rate=error_rate if error_rate is None or math.isfinite(error_rate) else None,
+        latency_p99_ms=p99 if p99 is None or math.isfinite(p99) else None,
+        message=message,
+    )
+
+
+# ---- the decision -----------------------------------------------------------------------------------
+
+
+def decide(spec: ModelDeploymentSpec, status: ModelDeploymentStatus, obs: Observed, generation: int | None) -> Plan:
+    """One tick of the ModelDeployment life cycle; see docs/MODELDEPLOYMENT.md for the diagram."""
+    plan = Plan(status=status.model_copy(deep=True))
+    st = plan.status
+    st.observed_generation = generation
+    _record_replicas(plan, obs)
+
+    if obs.cluster_problem:
+        _phase(plan, spec, st.phase or Phase.PENDING.value, "ClusterNotReady", obs.cluster_problem, generation)
+        plan.route = "both" if st.canary is not None else "stable"
+        return plan
+    if st.stable is None:
+        return _first_version(spec, plan, obs, generation)
+    phase = st.phase or Phase.AVAILABLE.value
+    if phase == Phase.CANARY.value:
+        return _canary(spec, plan, obs, generation)
+    if phase == Phase.PROMOTING.value:
+        return _promoting(spec, plan, obs, generation)
+    if phase == Phase.ROLLED_BACK.value:
+        return _rolled_back(spec, plan, obs, generation)
+    return _serving(spec, plan, obs, generation)  # Available, Progressing (and Pending/Failed with a stable)
+
+
+def _first_version(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
+    """Pending -> Progressing: the first servable version simply becomes stable (nothing to compare with)."""
+    st = plan.status
+    src = obs.source
+    if src is None:
+        phase = Phase.FAILED if obs.source_final else Phase.PENDING
+        reason = "ModelNotServable" if obs.source_final else "WaitingForModel"
+        _phase(plan, spec, phase.value, reason, obs.source_problem, generation)
+        return plan
+    st.stable = ServedVersion(version=src.version, training_job=src.training_job, archive=src.archive)
+    _history(st, src.version, src.training_job, src.metrics, "Deployed", obs.now, "first version")
+    plan.decisions.append("deploy")
+    _phase(plan, spec, Phase.PROGRESSING.value, "Deploying", f"deploying version {src.version} as stable", generation)
+    return plan
+
+
+def _serving(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
+    """Available / Progressing: one version takes all traffic; a new spec.model.version starts a canary."""
+    st = plan.status
+    assert st.stable is not None
+    if obs.canary is not None:
+        plan.canary_action = "delete"  # a canary left from a rollback or an abort has no reason to stay
+    ready = _stable_ready(obs)
+    wanted = spec.model.version
+    if wanted == st.stable.version:
+        if ready:
+            _phase(plan, spec, Phase.AVAILABLE.value, "Available", f"version {wanted} serves all traffic", generation)
+        else:
+            _phase(plan, spec, Phase.PROGRESSING.value, "RollingOut", _rollout_message(obs, wanted), generation)
+        return plan
+    if obs.source is None:
+        problem = f"version {st.stable.version} keeps serving; version {wanted} is not servable: {obs.source_problem}"
+        phase = Phase.AVAILABLE if ready else Phase.PROGRESSING
+        _phase(plan, spec, phase.value, "WaitingForModel", problem, generation)
+        return plan
+    if not ready:
+        _phase(plan, spec, Phase.PROGRESSING.value, "RollingOut", _rollout_message(obs, st.stable.version), generation)
+        return plan
+    return _start_canary(spec, plan, obs, obs.source, generation)
+
+
+def _start_canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, src: Source, generation: int | None) -> Plan:
+    st = plan.status
+    assert st.stable is not None
+    weight = spec.rollout.steps[0]
+    st.canary = CanaryState(
+        version=src.version,
+        training_job=src.training_job,
+        archive=src.archive,
+        weight=weight,
+        step=0,
+        failed_checks=0,
+        step_started_at=now_str(obs.now),
+    )
+    st.last_analysis = None
+    _size_canary(spec, plan, obs)
+    plan.canary_action = "ensure"
+    plan.route = "both"
+    plan.decisions.append("start")
+    message = f"canary {src.version} started at {weight}% next to stable {st.stable.version}"
+    _phase(plan, spec, Phase.CANARY.value, "CanaryStarted", message, generation)
+    return plan
+
+
+def _canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
+    """Canary: every interval one analysis; NoData waits, a failure counts, a pass steps up the weight."""
+    st = plan.status
+    canary, stable = st.canary, st.stable
+    if canary is None or stable is None:  # status edited by hand: fall back to plain serving
+        return _serving(spec, plan, obs, generation)
+    if spec.model.version != canary.version:
+        return _abort(spec, plan, obs, generation)
+    if obs.canary is not None and obs.canary.failure:
+        why = f"the canary Deployment did not become ready: {obs.canary.failure}"
+        return _rollback(spec, plan, obs, why, generation)
+
+    plan.canary_action = "ensure"
+    plan.route = "both"
+    _size_canary(spec, plan, obs)
+    if obs.measurement is None:  # not due yet
+        return plan
+
+    result = evaluate(spec, obs.measurement, obs.now)
+    st.last_analysis = result
+    plan.decisions.append(result.outcome.lower())
+    if result.outcome == "NoData":
+        plan.events.append(Event("Normal", "AnalysisNoData", f"canary {canary.version}: no data ({result.message})"))
+        _phase(plan, spec, Phase.CANARY.value, "AnalysisNoData", f"waiting for data: {result.message}", generation)
+        return plan
+    if result.outcome == "Failed":
+        canary.failed_checks += 1
+        limit = spec.rollout.failed_checks_before_rollback
+        if canary.failed_checks >= limit:
+            why = f"{canary.failed_checks} of {limit} checks failed; last: {result.message}"
+            return _rollback(spec, plan, obs, why, generation)
+        message = f"check failed ({canary.failed_checks}/{limit}): {result.message}"
+        plan.events.append(Event("Warning", "AnalysisFailed", f"canary {canary.version}: {message}"))
+        _phase(plan, spec, Phase.CANARY.value, "AnalysisFailed", message, generation)
+        return plan
+    if canary.step + 1 < len(spec.rollout.steps):
+        canary.step += 1
+        canary.weight = spec.rollout.steps[canary.step]
+        canary.step_started_at = now_str(obs.now)
+        _size_canary(spec, plan, obs)
+        steps = len(spec.rollout.steps)
+        message = f"check passed ({result.message}); step {canary.step + 1}/{steps}: {canary.weight}%"
+        plan.events.append(Event("Normal", "CanaryStepAdvanced", f"canary {canary.version}: {message}"))
+        _phase(plan, spec, Phase.CANARY.value, "CanaryStepAdvanced", message, generation)
+        return plan
+    return _promote(spec, plan, obs, result.message or "", generation)
+
+
+def _promote(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, last: str, generation: int | None) -> Plan:
+    """Canary -> Promoting: stable switches to the new version (history: Promoted, old Retired)."""
+    st = plan.status
+    canary, old = st.canary, st.stable
+    assert canary is not None and old is not None
+    canary.step_started_at = now_str(obs.now)
+    st.stable = ServedVersion(version=canary.version, training_job=canary.training_job, archive=canary.archive)
+    _history(
+        st,
+        old.version,
+        old.training_job,
+        _metrics_of(st, old.version),
+        "Retired",
+        obs.now,
+        f"replaced by {canary.version}",
+    )
+    metrics = obs.source.metrics if obs.source and obs.source.version == canary.version else None
+    _history(
+        st,
+        canary.version,
+        canary.training_job,
+        metrics,
+        "Promoted",
+        obs.now,
+        f"passed all {len(spec.rollout.steps)} steps; last check: {last}",
+    )
+    plan.canary_action = "ensure"
+    plan.route = "both"
+    plan.decisions.append("promote")
+    message = f"canary {canary.version} passed every step; stable switches from {old.version} to {canary.version}"
+    _phase(plan, spec, Phase.PROMOTING.value, "Promoting", message, generation)
+    return plan
+
+
+def _promoting(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
+    """Promoting -> Available once the stable Deployment runs the new version; then the canary goes."""
+    st = plan.status
+    assert st.stable is not None
+    version = st.stable.version
+    if not (_stable_ready(obs) and obs.stable is not None and obs.stable.version == version):
+        plan.canary_action = "ensure" if st.canary is not None else "none"
+        plan.route = "both" if st.canary is not None else "stable"
+        _phase(plan, spec, Phase.PROMOTING.value, "Promoting", _rollout_message(obs, version), generation)
+        return plan
+    st.canary = None
+    plan.canary_action = "delete"
+    plan.route = "stable"
+    plan.decisions.append("promoted")
+    _phase(
+        plan, spec, Phase.AVAILABLE.value, "Promoted", f"version {version} promoted; it serves all traffic", generation
+    )
+    return plan
+
+
+def _rollback(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, why: str, generation: int | None) -> Plan:
+    """The runbook: all traffic to stable, an Event, canary to zero, status RolledBack with the failing values."""
+    st = plan.status
+    canary, stable = st.canary, st.stable
+    assert canary is not None and stable is not None
+    plan.route = "stable"
+    message = f"canary {canary.version} rolled back, stable {stable.version} serves all traffic: {why}"
+    plan.events.append(Event("Warning", "RolledBack", message))
+    plan.canary_action = "scale_to_zero"
+    metrics = obs.source.metrics if obs.source and obs.source.version == canary.version else None
+    _history(st, canary.version, canary.training_job, metrics, "RolledBack", obs.now, why)
+    st.canary = None
+    plan.decisions.append("rollback")
+    _phase(plan, spec, Phase.ROLLED_BACK.value, "RolledBack", message, generation)
+    return plan
+
+
+def _abort(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
+    """spec.model.version moved away from the canary: drop it (the next tick starts the new one, if any)."""
+    st = plan.status
+    canary, stable = st.canary, st.stable
+    assert canary is not None and stable is not None
+    wanted = spec.model.version
+    why = f"spec.model.version changed to {wanted} during the analysis"
+    _history(st, canary.version, canary.training_job, None, "RolledBack", obs.now, why)
+    st.canary = None
+    plan.route = "stable"
+    plan.canary_action = "delete"
+    plan.decisions.append("abort")
+    message = f"canary {canary.version} withdrawn: {why}; stable {stable.version} serves all traffic"
+    _phase(plan, spec, Phase.AVAILABLE.value, "CanaryAborted", message, generation)
+    return plan
+
+
+def _rolled_back(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
+    """RolledBack stays until spec.model.version names another version (stable's, or a new canary)."""
+    st = plan.status
+    failed = next((h.version for h in reversed(st.history) if h.outcome == "RolledBack"), None)
+    if spec.model.version == failed:
+        plan.canary_action = "scale_to_zero" if obs.canary is not None and obs.canary.replicas else "none"
+        plan.route = "stable"
+        _phase(
+            plan,
+            spec,
+            Phase.ROLLED_BACK.value,
+            "RolledBack",
+            st.message or f"version {failed} was rolled back",
+            generation,
+        )
+        return plan
+    return _serving(spec, plan, obs, generation)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _stable_ready(obs: Observed) -> bool:
+    # Scaled to zero on purpose (autoscaling off, replicas 0) counts as rolled out: nothing to load.
+    return obs.stable is not None and obs.stable.rolled_out and (obs.stable.ready >= 1 or obs.stable.replicas == 0)
+
+
+def _rollout_message(obs: Observed, version: str) -> str:
+    if obs.stable is None:
+        return f"creating the stable Deployment of version {version}"
+    if obs.stable.failure:
+        return f"the stable Deployment of version {version} is stuck: {obs.stable.failure}"
+    return f"stable version {version}: {obs.stable.ready}/{obs.stable.replicas} pods have the model loaded"
+
+
+def _size_canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed) -> None:
+    """The canary's replicas follow the weight of the stable's current replicas (the HPA's choice)."""
+    canary = plan.status.canary
+    if canary is None:
+        return
+    stable_now = obs.stable.replicas if obs.stable is not None else 0
+    canary.replicas = canary_replicas(stable_now, canary.weight, max_replicas(spec))
+    # Traffic follows ready endpoints: report the share the ready pods give, not the one we asked for.
+    if obs.stable is not None and obs.canary is not None:
+        canary.achieved_weight = achieved_weight(obs.canary.ready, obs.stable.ready)
+    else:
+        canary.achieved_weight = achieved_weight(canary.replicas, stable_now)
+
+
+def _record_replicas(plan: Plan, obs: Observed) -> None:
+    st = plan.status
+    if st.stable is not None and obs.stable is not None:
+        st.stable.replicas, st.stable.ready_replicas = obs.stable.replicas, obs.stable.ready
+    if st.canary is not None and obs.canary is not None:
+        st.canary.ready_replicas = obs.canary.ready
+
+
+def _metrics_of(st: ModelDeploymentStatus, version: str) -> dict[str, float] | None:
+    return next((h.metrics for h in reversed(st.history) if h.version == version and h.metrics), None)
+
+
+def _history(
+    st: ModelDeploymentStatus,
+    version: str,
+    training_job: str | None,
+    metrics: dict[str, float] | None,
+    outcome: Literal["Deployed", "Promoted", "RolledBack", "Retired"],
+    now: datetime,
+    reason: str,
+) -> None:
+    entry = HistoryEntry(
+        version=version, training_job=training_job, metrics=metrics, outcome=outcome, at=now_str(now), reason=reason
+    )
+    st.history = [*st.history, entry][-HISTORY_LIMIT:]
+
+
+def _phase(
+    plan: Plan, spec: ModelDeploymentSpec, phase: str, reason: str, message: str, generation: int | None
+) -> None:
+    """Set phase, reason, message and the kstatus-style conditions; an Event when the phase or reason changes."""
+    st = plan.status
+    if (st.phase, st.reason) != (phase, reason) and not any(e.reason == reason for e in plan.events):
+        kind: Literal["Normal", "Warning"] = "Warning" if phase in ("Failed", "RolledBack") else "Normal"
+        plan.events.append(Event(kind, reason, message))
+    st.phase = phase  # type: ignore[assignment]
+    st.reason, st.message = reason, message
+    serving_wanted = st.stable is not None and st.stable.version == spec.model.version and st.canary is None
+    ready = phase == Phase.AVAILABLE.value and serving_wanted
+    progressing = phase in ACTIVE_PHASES or (phase == Phase.AVAILABLE.value and not serving_wanted)
+    degraded = phase in (Phase.ROLLED_BACK.value, Phase.FAILED.value)
+    conds = st.conditions
+    conds = set_condition(conds, "Ready", ready, reason, message, generation)
+    conds = set_condition(conds, "Progressing", progressing, reason, message, generation)
+    conds = set_condition(conds, "Degraded", degraded, reason, message, generation)
+    st.conditions = conds
