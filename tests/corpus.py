@@ -32,9 +32,8 @@ VALID_MANIFESTS: list[Manifest] = [
         },
     ),
     training_job(),
-    training_job(
-        "transformer", **{"spec.model": {"architecture": "transformer", "dModel": 64, "numHeads": 8}}
-    ),
+    training_job("transformer", **{"spec.model": {"architecture": "transformer", "dModel": 64, "numHeads": 8}}),
+    training_job("diabetes", **{"spec.dataset": {"source": "builtin", "name": "diabetes", "task": "regression"}}),
     training_job(
         "regression",
         **{
@@ -46,9 +45,7 @@ VALID_MANIFESTS: list[Manifest] = [
         "gpu",
         **{"spec.distributed": {"workers": 2, "procsPerWorker": 2, "gpusPerWorker": 2, "backend": "nccl"}},
     ),
-    training_job(
-        "csv", **{"spec.dataset": {"source": "file", "path": "data/sales.csv", "task": "regression"}}
-    ),
+    training_job("csv", **{"spec.dataset": {"source": "file", "path": "data/sales.csv", "task": "regression"}}),
     training_job("suspended", **{"spec.runPolicy": {"suspend": True, "maxRestarts": 0}}),
     model_deployment(),
     model_deployment("by-path", **{"spec.model": {"archivePath": "models/digits.mar", "version": "2"}}),
@@ -69,13 +66,9 @@ INVALID_CASES: list[InvalidCase] = [
         "spec.distributed.workers",
         "two",
     ),
-    InvalidCase(
-        "epochs as a float", training_job(**{"spec.training.epochs": 2.5}), "spec.training.epochs", 2.5
-    ),
+    InvalidCase("epochs as a float", training_job(**{"spec.training.epochs": 2.5}), "spec.training.epochs", 2.5),
     # out of range
-    InvalidCase(
-        "zero workers", training_job(**{"spec.distributed.workers": 0}), "spec.distributed.workers", 0
-    ),
+    InvalidCase("zero workers", training_job(**{"spec.distributed.workers": 0}), "spec.distributed.workers", 0),
     InvalidCase("dropout of one", training_job(**{"spec.model.dropout": 1.0}), "spec.model.dropout", 1),
     InvalidCase(
         "accuracy above one",
@@ -108,9 +101,7 @@ INVALID_CASES: list[InvalidCase] = [
         "spec.model.architecture",
         "cnn",
     ),
-    InvalidCase(
-        "unknown dataset", training_job(**{"spec.dataset.name": "mnist"}), "spec.dataset.name", "mnist"
-    ),
+    InvalidCase("unknown dataset", training_job(**{"spec.dataset.name": "mnist"}), "spec.dataset.name", "mnist"),
     # missing required
     InvalidCase("no model", training_job(**{"spec.model": DELETE}), "spec.model"),
     InvalidCase("no cluster", model_deployment(**{"spec.clusterRef": DELETE}), "spec.clusterRef"),
@@ -123,23 +114,22 @@ INVALID_CASES: list[InvalidCase] = [
         model_deployment(**{"spec.autoscaling": {"minReplicas": 5, "maxReplicas": 3}}),
         "spec.autoscaling",
     ),
-    InvalidCase(
-        "two model sources", model_deployment(**{"spec.model.archivePath": "models/x.mar"}), "spec.model"
-    ),
+    InvalidCase("two model sources", model_deployment(**{"spec.model.archivePath": "models/x.mar"}), "spec.model"),
     InvalidCase("no model source", model_deployment(**{"spec.model.trainingJobRef": DELETE}), "spec.model"),
-    InvalidCase(
-        "steps not increasing", model_deployment(**{"spec.rollout.steps": [25, 15, 35]}), "spec.rollout"
-    ),
+    InvalidCase("steps not increasing", model_deployment(**{"spec.rollout.steps": [25, 15, 35]}), "spec.rollout"),
     InvalidCase("repeated step", model_deployment(**{"spec.rollout.steps": [5, 5, 10]}), "spec.rollout"),
-    InvalidCase(
-        "builtin without name", training_job(**{"spec.dataset": {"source": "builtin"}}), "spec.dataset"
-    ),
+    InvalidCase("builtin without name", training_job(**{"spec.dataset": {"source": "builtin"}}), "spec.dataset"),
     InvalidCase(
         "file without path",
         training_job(**{"spec.dataset": {"source": "file", "task": "regression"}}),
         "spec.dataset",
     ),
     InvalidCase("builtin regression", training_job(**{"spec.dataset.task": "regression"}), "spec.dataset"),
+    InvalidCase(
+        "diabetes as classification",
+        training_job(**{"spec.dataset": {"source": "builtin", "name": "diabetes"}}),
+        "spec.dataset",
+    ),
     InvalidCase(
         "nothing left to train on",
         training_job(**{"spec.dataset.validationFraction": 0.5, "spec.dataset.testFraction": 0.45}),
@@ -150,9 +140,7 @@ INVALID_CASES: list[InvalidCase] = [
         training_job(**{"spec.training": {"epochs": 3, "scheduler": {"warmupEpochs": 3}}}),
         "spec.training",
     ),
-    InvalidCase(
-        "nccl without gpus", training_job(**{"spec.distributed.backend": "nccl"}), "spec.distributed"
-    ),
+    InvalidCase("nccl without gpus", training_job(**{"spec.distributed.backend": "nccl"}), "spec.distributed"),
     InvalidCase(
         "heads do not divide width",
         training_job(**{"spec.model": {"architecture": "transformer", "dModel": 30, "numHeads": 4}}),
@@ -163,9 +151,7 @@ INVALID_CASES: list[InvalidCase] = [
         training_job(**{"spec.distributed.env": [{"name": "MASTER_ADDR", "value": "x"}]}),
         "spec.distributed",
     ),
-    InvalidCase(
-        "no artifact store source", neural_cluster(**{"spec.artifactStore": {}}), "spec.artifactStore"
-    ),
+    InvalidCase("no artifact store source", neural_cluster(**{"spec.artifactStore": {}}), "spec.artifactStore"),
 ]
 
 # The contract used by the e2e tests: (manifest, substring the API server's error must contain).

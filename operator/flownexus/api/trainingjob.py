@@ -11,7 +11,7 @@ from .common import ApiModel, CelRule, Condition, Name, ObjectRef, ResourceRequi
 IMMUTABLE: Any = {"rule": "self == oldSelf", "message": "is immutable once the TrainingJob exists"}
 
 Architecture = Literal["mlp", "residual_mlp", "transformer", "lstm"]
-BuiltinDataset = Literal["digits", "iris", "wine", "breast_cancer"]
+BuiltinDataset = Literal["digits", "iris", "wine", "breast_cancer", "diabetes"]
 # Env that the operator sets for torchrun; users may not override it.
 RESERVED_ENV = frozenset(
     {
@@ -82,8 +82,9 @@ class DatasetSpec(ApiModel):
             "message": "path is required when source is file",
         },
         {
-            "rule": "self.source != 'builtin' || self.task == 'classification'",
-            "message": "the builtin datasets are classification tasks",
+            "rule": "self.source != 'builtin' || !has(self.name) || "
+            "(self.name == 'diabetes') == (self.task == 'regression')",
+            "message": "builtin diabetes is a regression task; digits, iris, wine and breast_cancer are classification",
         },
         {
             "rule": "self.validationFraction + self.testFraction < 0.9",
@@ -94,7 +95,9 @@ class DatasetSpec(ApiModel):
     source: Literal["builtin", "synthetic", "file"] = Field(
         default="builtin", description="builtin (scikit-learn's packaged data), synthetic, or a file."
     )
-    name: BuiltinDataset | None = Field(default=None, description="The builtin dataset.")
+    name: BuiltinDataset | None = Field(
+        default=None, description="The builtin dataset (scikit-learn's packaged data; diabetes is regression)."
+    )
     path: str | None = Field(
         default=None,
         max_length=1024,
@@ -119,8 +122,14 @@ class DatasetSpec(ApiModel):
             raise ValueError("name is required when source is builtin")
         if self.source == "file" and self.path is None:
             raise ValueError("path is required when source is file")
-        if self.source == "builtin" and self.task != "classification":
-            raise ValueError("the builtin datasets are classification tasks")
+        if (
+            self.source == "builtin"
+            and self.name is not None
+            and (self.name == "diabetes") != (self.task == "regression")
+        ):
+            raise ValueError(
+                "builtin diabetes is a regression task; digits, iris, wine and breast_cancer are classification"
+            )
         if self.validation_fraction + self.test_fraction >= 0.9:
             raise ValueError("validationFraction + testFraction must leave at least 10% for training")
         return self

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Until the project installs trainer_image as a package root, import it from the source tree.
-TRAINER_SRC = Path(__file__).resolve().parents[3] / "trainer_image"
-if str(TRAINER_SRC) not in sys.path:
-    sys.path.insert(0, str(TRAINER_SRC))
-
-from flownexus_trainer.config import JobConfig  # noqa: E402
+from flownexus_trainer.config import JobConfig
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from flownexus_trainer import checkpoint as ck
 
 
@@ -30,7 +31,7 @@ def test_a_truncated_newest_file_falls_back_to_the_older_one(tmp_path: Path) -> 
     ck.save_checkpoint(tmp_path, 2, {"w": torch.ones(1)})
     newest = ck.save_checkpoint(tmp_path, 4, {"w": torch.ones(1)})
     newest.write_bytes(newest.read_bytes()[:20])  # e.g. a disk that lied about fsync
-    path, state = ck.load_latest_checkpoint(tmp_path)  # type: ignore[misc]
+    _, state = ck.load_latest_checkpoint(tmp_path)  # type: ignore[misc]
     assert state["epoch"] == 2
 
 

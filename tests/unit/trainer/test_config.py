@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from flownexus_trainer.config import ConfigError, JobConfig, load_config
 
 

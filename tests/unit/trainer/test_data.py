@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from flownexus_trainer.config import DatasetConfig
 from flownexus_trainer.data import load_splits, split_indices
 
@@ -23,7 +24,7 @@ def test_random_split_is_disjoint_complete_and_reproducible() -> None:
     labels = np.arange(200) % 4
     first = split_indices(200, cfg, labels)
     again = split_indices(200, cfg, labels)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     joined = np.concatenate(first)
     assert len(joined) == 200 and len(set(joined.tolist())) == 200
 
@@ -31,7 +32,9 @@ def test_random_split_is_disjoint_complete_and_reproducible() -> None:
 def test_standardization_uses_training_rows_only(tmp_path: Path) -> None:
     rows = np.arange(40, dtype=float).reshape(20, 2)
     np.savez(tmp_path / "series.npz", x=rows, y=np.arange(20) % 2)
-    cfg = DatasetConfig(source="file", path="series.npz", split="temporal", validation_fraction=0.25, test_fraction=0.25)
+    cfg = DatasetConfig(
+        source="file", path="series.npz", split="temporal", validation_fraction=0.25, test_fraction=0.25
+    )
     splits = load_splits(cfg, tmp_path)
     # 10 training rows: the first 10 in time. Their mean, not the whole table's, is the offset.
     assert splits.normalization.mean == pytest.approx(rows[:10].mean(axis=0).tolist())

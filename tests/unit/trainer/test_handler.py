@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.utils.util import PredictionException
+
 from flownexus_trainer import handler as handler_module
 from flownexus_trainer.export import stage_archive
 from flownexus_trainer.handler import LATENCY_METRIC, FlowNexusHandler, parse_rows
 from flownexus_trainer.models import build_model
-from ts.metrics.metric_type_enum import MetricTypes
-from ts.utils.util import PredictionException
 
 FEATURES = 4
 
@@ -32,7 +33,9 @@ class FakeMetrics:
     def __init__(self) -> None:
         self.registered: dict[str, tuple[FakeMetric, MetricTypes, list[str]]] = {}
 
-    def add_metric_to_cache(self, name: str, unit: str, dimension_names: list[str], metric_type: MetricTypes) -> FakeMetric:
+    def add_metric_to_cache(
+        self, name: str, unit: str, dimension_names: list[str], metric_type: MetricTypes
+    ) -> FakeMetric:
         metric = FakeMetric()
         self.registered[name] = (metric, metric_type, dimension_names)
         return metric
@@ -74,7 +77,9 @@ def trained_model_dir(root: Path, task: str) -> Path:
     return model_dir
 
 
-def make_handler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str = "classification") -> tuple[FlowNexusHandler, FakeContext]:
+def make_handler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str = "classification"
+) -> tuple[FlowNexusHandler, FakeContext]:
     unpacked = tmp_path / "unpacked"
     stage_archive(trained_model_dir(tmp_path, task), unpacked)
     # TorchServe puts the unpacked archive on sys.path; forget modules another test imported.

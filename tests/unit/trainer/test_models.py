@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+
 from flownexus_trainer.models import build_model
 
-SPECS = {
+SPECS: dict[str, dict[str, Any]] = {
     "mlp": {"architecture": "mlp", "hiddenSizes": [8, 8]},
     "residual_mlp": {"architecture": "residual_mlp", "hiddenSize": 8, "numBlocks": 2},
     "transformer": {"architecture": "transformer", "dModel": 8, "numHeads": 2, "numLayers": 1},
@@ -30,5 +33,5 @@ def test_backward_reaches_every_parameter(arch: str) -> None:
 
 
 def test_unknown_architecture_is_refused() -> None:
-    with pytest.raises(ValueError, match="model.architecture"):
+    with pytest.raises(ValueError, match=r"model\.architecture"):
         build_model({"architecture": "cnn"}, 5, 3)

@@ -46,7 +46,9 @@ def test_regression_uses_rmse_and_r2_and_skips_accuracy() -> None:
 
 
 def test_thresholds_set_to_null_are_off() -> None:
-    cfg = ValidationConfig(min_accuracy=None, max_latency_p95_ms=None, max_train_val_gap=None, require_convergence=False)
+    cfg = ValidationConfig(
+        min_accuracy=None, max_latency_p95_ms=None, max_train_val_gap=None, require_convergence=False
+    )
     assert evaluate_thresholds(cfg, measured(test_accuracy=0.1)) == []
 
 

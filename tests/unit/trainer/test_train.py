@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from flownexus_trainer.distributed import DistContext
 from flownexus_trainer.progress import Progress
 from flownexus_trainer.train import EarlyStopping, Trainer, lr_factor, truncate_metrics
@@ -43,10 +44,15 @@ def test_training_learns_and_writes_the_model(make_config: Any) -> None:
     assert all(m.grad_norm > 0 and m.samples_per_second > 0 for m in metrics)
     for name in ("model/model.pt", "model/model_config.json", "model/normalization.json", "training_summary.json"):
         assert (cfg.run_dir / name).exists(), name
-    assert sink.reports[-1].phase == "Trained" and sink.reports[-1].latest_checkpoint
+    final = sink.reports[-1]
+    assert final.phase == "Trained" and final.latest_checkpoint is not None and final.latest_checkpoint.epoch == 6
+    assert final.latest_checkpoint.path == "test/tiny/checkpoints/ckpt-epoch-00006.pt"  # relative to the store
+    assert final.best["epoch"] >= 1 and "valAccuracy" in final.best
 
 
-def test_resume_continues_after_the_checkpoint_and_matches_an_uninterrupted_run(make_config: Any, tmp_path: Path) -> None:
+def test_resume_continues_after_the_checkpoint_and_matches_an_uninterrupted_run(
+    make_config: Any, tmp_path: Path
+) -> None:
     straight = make_config(paths={"runDir": str(tmp_path / "straight")})
     Trainer(straight, SINGLE, Recorder()).run()
 
