@@ -67,8 +67,13 @@ def test_worker_job_is_an_indexed_gang(workers: int, procs: int, gpus: int, atte
 
 def test_gpu_resource_name_and_placement_come_from_the_cluster() -> None:
     c = ctx(
-        {"spec.training": {"gpuResourceName": "amd.com/gpu", "nodeSelector": {"pool": "gpu"},
-                           "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
+        {
+            "spec.training": {
+                "gpuResourceName": "amd.com/gpu",
+                "nodeSelector": {"pool": "gpu"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            }
+        },
         **{"spec.distributed": {"gpusPerWorker": 1}},
     )
     pod = build_worker_job(c, 1)["spec"]["template"]["spec"]
@@ -110,8 +115,12 @@ def test_service_is_headless_and_publishes_unready_pods() -> None:
 def test_trainer_may_only_patch_its_own_status() -> None:
     _, role, binding = build_trainer_rbac(ctx())
     (rule,) = role["rules"]
-    assert rule == {"apiGroups": ["flownexus.io"], "resources": ["trainingjobs/status"],
-                    "resourceNames": ["digits"], "verbs": ["get", "patch"]}
+    assert rule == {
+        "apiGroups": ["flownexus.io"],
+        "resources": ["trainingjobs/status"],
+        "resourceNames": ["digits"],
+        "verbs": ["get", "patch"],
+    }
     assert binding["subjects"][0]["name"] == "digits-trainer"
 
 
