@@ -29,8 +29,9 @@ verify: crds lint typecheck  ## regenerate everything generated; fail on any dri
 lint:  ## ruff
 	$(PYTHON) -m ruff check .
 
-typecheck:  ## mypy --strict on the operator
+typecheck:  ## mypy --strict on the operator, the trainer and the cluster tooling
 	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy --strict dev/localcluster
 
 test-unit:
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
@@ -45,7 +46,7 @@ test: verify  ## lint, types, generated-file drift, then every test (unit, integ
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 cluster-up:  ## start the local Kubernetes (real node + KWOK nodes), built here without Docker
-	./dev/cluster up
+	./dev/cluster up $(if $(FAKE_NODES),--fake-nodes $(FAKE_NODES)) $(if $(FAKE_GPU_NODES),--fake-gpu-nodes $(FAKE_GPU_NODES))
 
 cluster-down:  ## stop it and remove everything it created
 	./dev/cluster down

@@ -1,0 +1,169 @@
+"""Build the cluster's binaries from Go modules (dev/go/*) into the shared, version-keyed cache.
+
+A cold build of k8s.io/kubernetes takes a long time on two cores, so progress is printed while `go build`
+runs and a finished build is marked complete; later runs, CI and the demo reuse the cached binaries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DEV_DIR, Layout
+
+COMPLETE_MARK = ".complete"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One cache directory: the helper module it is built from and the binaries (name -> package)."""
+
+    name: str
+    binaries: dict[str, str]
+    ldflags: list[str] = field(default_factory=list)
+    # The upstream module whose version versions.env pins (checked against the helper's go.mod).
+    module: str = ""
+
+    @property
+    def module_dir(self) -> Path:
+        return DEV_DIR / "go" / self.name
+
+
+def _k8s_version_flags(version: str) -> list[str]:
+    # Without these the binaries report v0.0.0-master and kubectl warns about version skew.
+    major, minor = version.lstrip("v").split(".")[:2]
+    flags = []
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+            f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
+        ]
+    return flags
+
+
+def components(layout: Layout) -> list[Component]:
+    """Everything `up` needs, in build order (Kubernetes first: it is the slow one)."""
+    v = layout.versions
+    k8s = {
+        name: f"k8s.io/kubernetes/cmd/{name}"
+        for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl")
+    }
+    return [
+        Component("kubernetes", k8s, _k8s_version_flags(v["KUBERNETES_VERSION"]), "k8s.io/kubernetes"),
+        Component("etcd", {"etcd": "go.etcd.io/etcd/server/v3"}, module="go.etcd.io/etcd/server/v3"),
+        Component("kwok", {"kwok": "sigs.k8s.io/kwok/cmd/kwok"}, module="sigs.k8s.io/kwok"),
+        Component(
+            "helm",
+            {"helm": "helm.sh/helm/v3/cmd/helm"},
+            [f"-X helm.sh/helm/v3/internal/version.version={v['HELM_VERSION']}"],
+            "helm.sh/helm/v3",
+        ),
+        Component("coredns", {"coredns": "github.com/coredns/coredns"}, module="github.com/coredns/coredns"),
+        Component(
+            "metrics-server",
+            {"metrics-server": "sigs.k8s.io/metrics-server/cmd/metrics-server"},
+            module="sigs.k8s.io/metrics-server",
+        ),
+        Component("pause", {"pause": "flownexus.dev/build/pause"}),
+    ]
+
+
+def check_pin(layout: Layout, component: Component) -> None:
+    """Fail when versions.env and the helper module's go.mod disagree (the cache key would lie)."""
+    if not component.module:
+        return
+    pinned = layout.versions[component.name.upper().replace("-", "_") + "_VERSION"]
+    required = f"{component.module} {pinned}"
+    if required not in (component.module_dir / "go.mod").read_text():
+        raise SystemExit(
+            f"dev/versions.env pins {required} but {component.module_dir / 'go.mod'} requires another version; "
+            f"run `go get {component.module}@{pinned} && go mod tidy` there"
+        )
+
+
+def is_built(layout: Layout, component: Component) -> bool:
+    return (layout.bin_dir(component.name) / COMPLETE_MARK).exists()
+
+
+def _go_build(component: Component, out_dir: Path, log_path: Path) -> None:
+    """Run `go build -v` per binary, echoing a package count every 30 s so a long build visibly moves."""
+    env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="-buildvcs=false -mod=readonly")
+    ldflags = " ".join(["-s", "-w", *component.ldflags])
+    with log_path.open("a") as log:
+        for binary, package in component.binaries.items():
+            cmd = ["go", "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(out_dir / binary), package]
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            started = last_report = time.monotonic()
+            proc = subprocess.Popen(
+                cmd, cwd=component.module_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            assert proc.stdout is not None
+            for compiled, line in enumerate(proc.stdout, start=1):
+                log.write(line)
+                if time.monotonic() - last_report > 30:
+                    last_report = time.monotonic()
+                    print(
+                        f"[build] {component.name}/{binary}: {compiled} packages compiled, "
+                        f"{int(last_report - started)}s (log: {log_path})",
+                        flush=True,
+                    )
+            if proc.wait() != 0:
+                raise SystemExit(f"go build of {package} failed; see {log_path}")
+
+
+def _post_build(layout: Layout, component: Component, out_dir: Path) -> None:
+    if component.name == "kwok":
+        # kwok ships its "fast" node and pod lifecycle stages as YAML inside the module; use them as they are.
+        mod_dir = subprocess.run(
+            ["go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok"],
+            cwd=component.module_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        stage_root = Path(mod_dir) / "kustomize" / "stage"
+        docs = [
+            p.read_text()
+            for sub in ("node/fast", "node/heartbeat", "pod/fast")
+            for p in sorted((stage_root / sub).glob("*.yaml"))
+            if p.name != "kustomization.yaml"
+        ]
+        (out_dir / "stages.yaml").write_text("\n---\n".join(docs))
+
+
+def ensure_built(layout: Layout, only: list[str] | None = None) -> None:
+    """Build whatever is missing from the cache; a no-op when every binary is already there."""
+    if shutil.which("go") is None:
+        missing = [c.name for c in components(layout) if not is_built(layout, c)]
+        if missing:
+            raise SystemExit(f"binaries missing from {layout.cache / 'bin'} ({', '.join(missing)}) and no Go toolchain")
+        return
+    log_dir = layout.cache / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for component in components(layout):
+        if (only and component.name not in only) or is_built(layout, component):
+            continue
+        check_pin(layout, component)
+        final = layout.bin_dir(component.name)
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"build-{final.name}.log"
+        print(f"[build] {component.name} -> {final} (cold builds take minutes; log: {log_path})", flush=True)
+        started = time.monotonic()
+        _go_build(component, tmp, log_path)
+        _post_build(layout, component, tmp)
+        seconds = int(time.monotonic() - started)
+        (tmp / COMPLETE_MARK).write_text(f"built in {seconds}s\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        print(f"[build] {component.name} done in {seconds}s", file=sys.stderr, flush=True)

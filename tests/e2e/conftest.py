@@ -1,0 +1,147 @@
+"""The `cluster` fixture: the real local Kubernetes from dev/cluster, started once per session.
+
+A cluster that is already running (`dev/cluster status` succeeds) is reused and left running; one the
+fixture started is taken down again at the end of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEV_CLUSTER = REPO / "dev" / "cluster"
+UP_TIMEOUT_S = 1800  # covers a cold build of the binaries; a warm `up` takes about a minute
+DOWN_TEST = "test_down_leaves_nothing_behind"
+
+
+def _versions() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (REPO / "dev" / "versions.env").read_text().splitlines())
+    return {k: v for k, v in (p for p in pairs if len(p) == 2 and not p[0].startswith("#"))}
+
+
+def kubectl_binary() -> Path:
+    cache = Path(os.environ.get("FLOWNEXUS_CACHE", Path.home() / ".cache" / "flownexus"))
+    return cache / "bin" / f"kubernetes-{_versions()['KUBERNETES_VERSION']}" / "kubectl"
+
+
+@dataclass
+class Cluster:
+    """Handle on the running cluster for tests."""
+
+    kubeconfig: Path
+    started_here: bool
+    stopped: bool = field(default=False)
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against the cluster; with check=True a failure fails the test with kubectl's stderr."""
+        result = subprocess.run(
+            [str(kubectl_binary()), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            pytest.fail(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def apply(self, *objects: dict[str, Any], namespace: str | None = None) -> None:
+        ns = ["-n", namespace] if namespace else []
+        self.kubectl(*ns, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float, interval: float = 1.0) -> None:
+    """Poll `check` until it is true; fail the test (naming `what`) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _missing_prerequisites() -> list[str]:
+    missing = [] if os.geteuid() == 0 else ["root"]
+    missing += [tool for tool in ("containerd", "runc", "buildah", "iptables", "openssl") if not shutil.which(tool)]
+    if not Path("/usr/lib/cni/bridge").exists():
+        missing.append("containernetworking-plugins")
+    if not shutil.which("go") and not kubectl_binary().exists():
+        missing.append("go (or prebuilt binaries in the cache)")
+    return missing
+
+
+def _dev_cluster(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(DEV_CLUSTER), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Taking the cluster down must come after every other test that uses it.
+    items.sort(key=lambda item: item.name == DOWN_TEST)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    missing = _missing_prerequisites()
+    if missing:
+        pytest.skip(f"the local cluster needs: {', '.join(missing)} (see docs/CLUSTER.md)")
+    status = _dev_cluster("status", timeout=60)
+    running = status.returncode == 0
+    if running:
+        # Possibly another checkout's cluster (one per machine): status names its kubeconfig.
+        kubeconfig = Path(status.stdout.strip().splitlines()[-1].removeprefix("kubeconfig: "))
+    else:
+        kubeconfig = REPO / ".local" / "kubeconfig"
+        up = _dev_cluster("up", timeout=UP_TIMEOUT_S)
+        if up.returncode != 0:
+            _dev_cluster("down", timeout=300)
+            pytest.fail(f"dev/cluster up failed ({up.returncode}):\n{up.stdout[-4000:]}\n{up.stderr[-4000:]}")
+    handle = Cluster(kubeconfig=kubeconfig, started_here=not running)
+    yield handle
+    if handle.started_here and not handle.stopped:
+        _dev_cluster("down", timeout=300)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting: the next test does not need it gone)."""
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    # Pods may only start once the namespace's default ServiceAccount exists.
+    wait_until(
+        "default ServiceAccount",
+        lambda: cluster.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
+        30,
+    )
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def web_image(cluster: Cluster) -> str:
+    """The test HTTP server image, built by the harness (buildah) and loaded into the node."""
+    result = _dev_cluster(
+        "build-image", str(Path(__file__).parent / "images" / "web"), "--name", "e2e-web", timeout=900
+    )
+    if result.returncode != 0:
+        pytest.fail(f"dev/cluster build-image failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def run_down() -> subprocess.CompletedProcess[str]:
+    return _dev_cluster("down", timeout=300)
