@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     bimg.add_argument("--name", help="image name (default: the context directory name)")
     bimg.add_argument("-f", "--file", type=Path, help="Containerfile/Dockerfile (default: in the context)")
     bimg.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
+    bimg.add_argument(
+        "--tag", action="append", default=[], help="also name the image so (e.g. flownexus/trainer:0.1.0)"
+    )
     return parser
 
 
@@ -67,5 +70,5 @@ def main(argv: list[str] | None = None) -> int:
         build_args = dict(arg.split("=", 1) for arg in args.build_arg)
         file = args.file.resolve() if args.file else None
         context = args.context.resolve()
-        print(images.build_image(layout, context, args.name or context.name, file, build_args))
+        print(images.build_image(layout, context, args.name or context.name, file, build_args, args.tag))
     return 0

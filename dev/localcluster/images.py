@@ -144,8 +144,39 @@ def _inputs_digest(context: Path, containerfile: Path, build_args: dict[str, str
     return digest.hexdigest()[:16]
 
 
+def _declares_arg(containerfile: Path, name: str) -> bool:
+    return any(
+        line.strip() == f"ARG {name}" or line.strip().startswith(f"ARG {name}=")
+        for line in containerfile.read_text().splitlines()
+    )
+
+
 def _uses_base_arg(containerfile: Path) -> bool:
-    return any(line.strip().startswith("ARG BASE_IMAGE") for line in containerfile.read_text().splitlines())
+    return _declares_arg(containerfile, "BASE_IMAGE")
+
+
+# Registries are reached through a TLS-intercepting proxy here: builds that declare `ARG PIP_CERT` get the
+# host's CA bundle mounted (build time only, never committed into the image) and pip pointed at it.
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+BUILD_CA_PATH = "/etc/ssl/certs/host-ca-bundle.crt"
+# Only PyPI is reachable here, not PyTorch's CPU wheel index that the Containerfiles default to.
+TORCH_INDEX_URL = os.environ.get("FLOWNEXUS_TORCH_INDEX_URL", "https://pypi.org/simple")
+
+
+def normalize_tag(tag: str) -> str:
+    """`flownexus/trainer:0.1.0` -> `docker.io/flownexus/trainer:0.1.0`, the name kubelet looks up."""
+    first = tag.split("/", 1)[0]
+    if "/" not in tag:
+        return f"docker.io/library/{tag}"
+    if "." in first or ":" in first or first == "localhost":
+        return tag
+    return f"docker.io/{tag}"
+
+
+def tag_image(layout: Layout, ref: str, tags: list[str]) -> None:
+    """Give an imported image the names that manifests use (e.g. the examples' `flownexus/trainer:0.1.0`)."""
+    for tag in tags:
+        ctr(layout, "images", "tag", "--force", ref, normalize_tag(tag))
 
 
 def build_image(
@@ -154,6 +185,7 @@ def build_image(
     name: str,
     containerfile: Path | None = None,
     build_args: dict[str, str] | None = None,
+    tags: list[str] | None = None,
 ) -> str:
     """Build `context` with buildah and import it into containerd; returns the image reference to use.
 
@@ -173,12 +205,20 @@ def build_image(
             text=True,
             check=True,
         ).stdout.strip()
+    if _declares_arg(containerfile, "TORCH_INDEX_URL") and "TORCH_INDEX_URL" not in args:
+        args["TORCH_INDEX_URL"] = TORCH_INDEX_URL
+    mounts: list[str] = []
+    if _declares_arg(containerfile, "PIP_CERT") and HOST_CA_BUNDLE.exists() and "PIP_CERT" not in args:
+        args["PIP_CERT"] = BUILD_CA_PATH
+        mounts = ["--volume", f"{HOST_CA_BUNDLE}:{BUILD_CA_PATH}:ro"]
     ref = f"localhost/flownexus/{name}:{_inputs_digest(context, containerfile, args)}"
     if in_containerd(layout, ref):
+        tag_image(layout, ref, tags or [])
         return ref
     if not _buildah_has(ref):
         print(f"[image] buildah build {context} -> {ref}", flush=True)
-        cmd = ["buildah", "bud", "--quiet", "--layers", "--network", "host", "-f", str(containerfile), "-t", ref]
+        cmd = ["buildah", "bud", "--quiet", "--layers", "--network", "host", *mounts, "-f", str(containerfile)]
+        cmd += ["-t", ref]
         for key, value in args.items():
             if key != "BASE_IMAGE_ID":
                 cmd += ["--build-arg", f"{key}={value}"]
@@ -187,6 +227,7 @@ def build_image(
         archive = Path(tmp) / "image.tar"
         subprocess.run(["buildah", "push", "--quiet", ref, f"docker-archive:{archive}:{ref}"], check=True)
         import_archive(layout, archive)
+    tag_image(layout, ref, tags or [])
     return ref
 
 

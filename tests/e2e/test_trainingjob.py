@@ -83,17 +83,17 @@ def operator(flownexus_crds: Cluster) -> Iterator[int]:
             proc.wait()
 
 
+TRAINER_TAG = "flownexus/trainer:0.1.0"  # the name examples/neuralcluster.yaml uses
+
+
 @pytest.fixture(scope="session")
 def trainer_image(cluster: Cluster) -> str:
+    """The trainer image built from trainer_image/Containerfile.trainer, also named as in the examples."""
+    context = REPO / "trainer_image"
     result = _dev_cluster(
-        "build-image",
-        str(REPO),
-        "-f",
-        str(REPO / "trainer_image" / "Containerfile.trainer"),
-        "--name",
-        "trainer",
-        timeout=2400,
-    )
+        "build-image", str(context), "-f", str(context / "Containerfile.trainer"), "--name", "trainer",
+        "--tag", TRAINER_TAG, timeout=2400,
+    )  # fmt: skip
     if result.returncode != 0:
         pytest.fail(f"building the trainer image failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result.stdout.strip().splitlines()[-1]
@@ -142,9 +142,9 @@ def artifact_dir(cluster: Cluster, namespace: str, claim: str) -> Path:
 
 
 def start_cluster(cluster: Cluster, namespace: str, image: str) -> None:
+    # The example as written: its trainer image name is the tag the fixture gave the built image.
     nc = example("neuralcluster.yaml", namespace)
-    nc["spec"]["images"] = {"trainer": image, "server": image, "pullPolicy": "IfNotPresent"}
-    nc["spec"]["artifactStore"] = {"size": "1Gi", "accessMode": "ReadWriteMany"}
+    assert nc["spec"]["images"]["trainer"] == TRAINER_TAG and image.startswith("localhost/flownexus/trainer:")
     cluster.apply(nc)
     wait_until(
         "NeuralCluster Ready",
