@@ -1,4 +1,5 @@
-"""The `cluster` fixture: the real local Kubernetes from dev/cluster, started once per session.
+"""The `cluster` fixture: the real local Kubernetes from dev/cluster, started once per session; and the
+Flow Nexus CRDs and the operator (a host process against the cluster) that the e2e test modules share.
 
 A cluster that is already running (`dev/cluster status` succeeds) is reused and left running; one the
 fixture started is taken down again at the end of the session.
@@ -9,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -141,6 +145,63 @@ def web_image(cluster: Cluster) -> str:
     if result.returncode != 0:
         pytest.fail(f"dev/cluster build-image failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout.strip().splitlines()[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def flownexus_crds(cluster: Cluster) -> Cluster:
+    files = sorted((REPO / "crds").glob("*.yaml"))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", *(a for p in files for a in ("-f", str(p))))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"-f={p}" for p in files))
+    wait_until(
+        "flownexus.io served",
+        lambda: "trainingjobs" in cluster.kubectl("api-resources", "--api-group=flownexus.io", check=False).stdout,
+        60,
+    )
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def operator(flownexus_crds: Cluster) -> Iterator[int]:
+    """The operator as a host process; yields its metrics port. Stopped by pid at the end."""
+    metrics_port, health_port = _free_port(), _free_port()
+    log_path = REPO / ".local" / "logs" / "operator-e2e.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(flownexus_crds.kubeconfig),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]),
+    }
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flownexus", "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_until("operator /healthz", healthy, 60)
+        yield metrics_port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_down() -> subprocess.CompletedProcess[str]:

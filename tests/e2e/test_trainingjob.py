@@ -1,19 +1,15 @@
 """TrainingJob end to end on the local cluster: real DDP pods, whole-gang restart, the validation gate.
 
-The operator runs as a process on the host against the cluster's kubeconfig (as `python -m flownexus`);
+The operator runs as a process on the host against the cluster's kubeconfig (as `python -m flownexus`, the
+`operator` fixture of conftest.py);
 the trainer image is built from trainer_image/Containerfile.trainer by the harness and loaded into the node.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,65 +20,6 @@ from tests.e2e.conftest import REPO, Cluster, _dev_cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 TRAIN_TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def flownexus_crds(cluster: Cluster) -> Cluster:
-    files = sorted((REPO / "crds").glob("*.yaml"))
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", *(a for p in files for a in ("-f", str(p))))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"-f={p}" for p in files))
-    wait_until(
-        "flownexus.io served",
-        lambda: "trainingjobs" in cluster.kubectl("api-resources", "--api-group=flownexus.io", check=False).stdout,
-        60,
-    )
-    return cluster
-
-
-@pytest.fixture(scope="session")
-def operator(flownexus_crds: Cluster) -> Iterator[int]:
-    """The operator as a host process; yields its metrics port. Stopped by pid at the end."""
-    metrics_port, health_port = _free_port(), _free_port()
-    log_path = REPO / ".local" / "logs" / "operator-e2e.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(flownexus_crds.kubeconfig),
-        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]),
-    }
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flownexus", "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        wait_until("operator /healthz", healthy, 60)
-        yield metrics_port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 TRAINER_TAG = "flownexus/trainer:0.1.0"  # the name examples/neuralcluster.yaml uses
 
 
@@ -169,10 +106,11 @@ def test_digits_trains_with_two_workers_and_passes_the_gate(
     # Both ranks really ran: the Job had two completions (one per torchrun node).
     job = cluster.get("-n", namespace, "job", "digits-a1")
     assert job["status"]["succeeded"] == 2
-    run_dir = artifact_dir(cluster, namespace, "demo-artifacts") / namespace / "digits"
+    root = artifact_dir(cluster, namespace, "demo-artifacts")
+    run_dir = root / status["artifacts"]["report"].rsplit("/", 1)[0]
     for artifact in ("report.md", "metadata.json", "metrics.jsonl"):
         assert (run_dir / artifact).is_file(), f"{artifact} missing in {sorted(run_dir.iterdir())}"
-    assert list(run_dir.rglob("*.mar")), f"no .mar in {run_dir}"
+    assert (root / status["artifacts"]["modelArchive"]).is_file(), status["artifacts"]
     assert "digits" in cluster.kubectl("-n", namespace, "get", "tj").stdout
     # The operator's own metrics count the reconciles it did.
     with urllib.request.urlopen(f"http://127.0.0.1:{operator}/metrics", timeout=5) as r:
@@ -215,7 +153,7 @@ def test_deleted_worker_restarts_the_gang_from_the_checkpoint(
     assert {c["type"]: c["status"] for c in status["conditions"]}["Restarting"] == "False"
     events = cluster.kubectl("-n", namespace, "get", "events", "--field-selector", "involvedObject.name=digits").stdout
     assert "WorkerFailed" in events
-    run_dir = artifact_dir(cluster, namespace, "demo-artifacts") / namespace / "digits"
+    run_dir = artifact_dir(cluster, namespace, "demo-artifacts") / status["artifacts"]["metrics"].rsplit("/", 1)[0]
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     # Epochs up to the checkpoint ran once; attempt 2 picked up after it rather than from epoch 1.
     for epoch in range(1, checkpoint_epoch + 1):

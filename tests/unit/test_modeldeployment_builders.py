@@ -340,14 +340,19 @@ def test_prepare_script_keys_the_model_settings_by_the_archives_version(tmp_path
     assert props["management_address"] == "http://127.0.0.1:8081"
 
 
-@pytest.mark.parametrize("kind", ["missing", "not-a-zip"])
-def test_prepare_script_fails_with_a_clear_message(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("missing", "does not exist"), ("not-a-zip", "not a TorchServe model archive"), ("unreadable", "cannot be read")],
+)
+def test_prepare_script_fails_with_a_clear_message(tmp_path: Path, kind: str, message: str) -> None:
     archive = tmp_path / "bad.mar"
     if kind == "not-a-zip":
         archive.write_text("nope")
+    if kind == "unreadable":  # as root the tests cannot lose a permission; a directory fails open() as well
+        archive.mkdir()
     done = _run_prepare(tmp_path, archive, ctx())
     assert done.returncode != 0
-    assert ("does not exist" if kind == "missing" else "not a TorchServe model archive") in done.stderr
+    assert message in done.stderr
 
 
 # ---- the auth proxy, run for real against a stand-in for TorchServe ----------------------------------

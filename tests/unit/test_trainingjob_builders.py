@@ -104,7 +104,7 @@ def test_config_map_carries_the_spec_and_paths() -> None:
     assert cfg["dataset"]["seed"] == 42
     assert cfg["training"]["checkpointEvery"] == 5
     assert cfg["output"]["modelName"] == "digits"
-    assert cfg["paths"]["runDir"] == "/artifacts/default/digits"
+    assert cfg["paths"]["runDir"] == "/artifacts/default/digits-uid-1"
 
 
 def test_service_is_headless_and_publishes_unready_pods() -> None:
@@ -129,3 +129,13 @@ def test_validator_has_no_api_rights() -> None:
     pod = job["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert container(job)["command"] == ["python", "-m", "flownexus_trainer.validate"]
+
+
+@pytest.mark.parametrize("build", [lambda c: build_worker_job(c, 1), build_validator_job])
+def test_pods_run_unprivileged_and_prepare_their_run_dir(build: Any) -> None:
+    pod = build(ctx())["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    (init,) = pod["initContainers"]
+    assert "/artifacts/default/digits-uid-1" in init["command"][-1]
+    assert init["securityContext"]["capabilities"]["add"] == ["CHOWN", "FOWNER", "DAC_OVERRIDE"]
+    assert [m["name"] for m in init["volumeMounts"]] == ["artifacts"]

@@ -173,3 +173,10 @@ def test_job_deadline_failure_is_final_not_a_restart() -> None:
     obs = replace(OK, worker_job=JobState.FAILED, worker_failure="DeadlineExceeded: Job was active longer")
     plan = decide(spec(**{"spec.runPolicy.activeDeadlineSeconds": 600}), status(attempt=1, phase="Running"), obs, 1)
     assert plan.status.reason == "DeadlineExceeded" and plan.create_attempt is None
+
+
+@pytest.mark.parametrize("validator", [JobState.STARTING, JobState.RUNNING, JobState.SUSPENDED])
+def test_unfinished_validator_is_waited_for(validator: JobState) -> None:
+    obs = replace(OK, worker_job=JobState.SUCCEEDED, validator_job=validator)
+    plan = decide(spec(), status(attempt=1, phase="Validating"), obs, 1)
+    assert plan.status.phase == "Validating" and plan.status.validation is None

@@ -192,8 +192,12 @@ import json, os, shutil, sys, zipfile
 
 archive, name = os.environ["FLOWNEXUS_ARCHIVE"], os.environ["FLOWNEXUS_MODEL_NAME"]
 store, conf, template = os.environ["FLOWNEXUS_MODEL_STORE"], os.environ["FLOWNEXUS_CONF_DIR"], sys.argv[1]
-if not os.path.isfile(archive):
+try:
+    open(archive, "rb").close()
+except FileNotFoundError:
     sys.exit(f"model archive {archive} does not exist in the artifact store")
+except OSError as exc:  # an artifact store the pod's uid cannot search reads as "missing" to isfile()
+    sys.exit(f"model archive {archive} cannot be read as uid {os.getuid()}: {exc.strerror}")
 try:
     with zipfile.ZipFile(archive) as mar:
         version = str(json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"])

@@ -18,6 +18,8 @@ from .common import Manifest, child_metadata
 MASTER_PORT = 29500
 CONFIG_DIR = "/etc/flownexus"
 ARTIFACT_ROOT = "/artifacts"
+# The trainer image's unprivileged user (trainer_image/Containerfile.trainer).
+TRAINER_UID = 10001
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,14 @@ class TrainingContext:
 
     @property
     def run_dir(self) -> str:
-        return f"{ARTIFACT_ROOT}/{self.namespace}/{self.name}"
+        """One directory per TrainingJob *object*: a re-created job of the same name starts afresh
+        instead of resuming from the checkpoints of its deleted predecessor."""
+        uid = str(self.owner["metadata"].get("uid", ""))[:8]
+        return (
+            f"{ARTIFACT_ROOT}/{self.namespace}/{self.name}-{uid}"
+            if uid
+            else f"{ARTIFACT_ROOT}/{self.namespace}/{self.name}"
+        )
 
 
 def service_name(name: str) -> str:
@@ -171,6 +180,41 @@ def _volumes(ctx: TrainingContext) -> tuple[list[Manifest], list[Manifest]]:
     return volumes, mounts
 
 
+def _pod_security() -> Manifest:
+    return {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID, "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+
+
+def _container_security() -> Manifest:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _prepare_run_dir(ctx: TrainingContext, mounts: list[Manifest]) -> Manifest:
+    """Does for the run directory what fsGroup does on volumes that support it.
+
+    Volumes without fsGroup support (hostPath, some NFS exports) come up root-owned; this gives the
+    trainer's user the run directory and lets it traverse the store, and changes nothing else.
+    """
+    uid = str(TRAINER_UID)
+    script = (
+        f"chgrp {uid} {ARTIFACT_ROOT} && chmod g+rwxs,o+x {ARTIFACT_ROOT} && "
+        f"install -d -o {uid} -g {uid} -m 2775 {ARTIFACT_ROOT}/{ctx.namespace} {ctx.run_dir} && "
+        f"chown -R {uid}:{uid} {ctx.run_dir}"
+    )
+    return {
+        "name": "prepare-run-dir",
+        "image": ctx.cluster.images.trainer,
+        "imagePullPolicy": ctx.cluster.images.pull_policy,
+        "command": ["sh", "-c", script],
+        "securityContext": {
+            "runAsNonRoot": False, "runAsUser": 0, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER", "DAC_OVERRIDE"]},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
+        "volumeMounts": [m for m in mounts if m["name"] == "artifacts"],
+    }  # fmt: skip
+
+
 def _base_env(ctx: TrainingContext) -> list[Manifest]:
     user = [e.to_wire() for e in ctx.spec.distributed.env or []]
     return [
@@ -223,7 +267,9 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
                 "subdomain": service_name(ctx.name),
                 "restartPolicy": "Never",
                 "serviceAccountName": service_account_name(ctx.name),
+                "securityContext": _pod_security(),
                 **_placement(ctx),
+                "initContainers": [_prepare_run_dir(ctx, mounts)],
                 "containers": [
                     {
                         "name": "trainer",
@@ -234,6 +280,7 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
                         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
                         "resources": _resources(ctx),
                         "volumeMounts": mounts,
+                        "securityContext": _container_security(),
                         "terminationMessagePolicy": "FallbackToLogsOnError",
                     }
                 ],
@@ -263,7 +310,9 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
                     "restartPolicy": "Never",
                     # The validator needs no API rights: its verdict travels in the termination message.
                     "automountServiceAccountToken": False,
+                    "securityContext": _pod_security(),
                     **_placement(ctx),
+                    "initContainers": [_prepare_run_dir(ctx, mounts)],
                     "containers": [
                         {
                             "name": "validator",
@@ -273,6 +322,7 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
                             "env": [*_base_env(ctx), {"name": "OMP_NUM_THREADS", "value": "1"}],
                             "resources": resources,
                             "volumeMounts": mounts,
+                            "securityContext": _container_security(),
                             "terminationMessagePolicy": "File",
                         }
                     ],

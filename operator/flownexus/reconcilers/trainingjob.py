@@ -242,7 +242,7 @@ def _validation_step(plan: Plan, obs: Observed, generation: int | None) -> Plan:
         plan.create_validator = True
         _phase(plan, "Validating", "Validating", "the validator Job measures the model", generation)
         return plan
-    if obs.validator_job is JobState.RUNNING:
+    if obs.validator_job not in (JobState.SUCCEEDED, JobState.FAILED):
         _phase(plan, "Validating", "Validating", "the validator Job measures the model", generation)
         return plan
     verdict = obs.verdict or {}

@@ -34,7 +34,7 @@ def test_default_trainingjob_config_parses_with_its_values() -> None:
     cfg = JobConfig.from_dict(operator_config())
     assert cfg.model.architecture == "mlp" and cfg.model.hidden_sizes == (128, 64)
     assert cfg.dataset.name == "digits" and cfg.training.epochs == 20
-    assert cfg.run_dir == Path(f"/artifacts/{cfg.namespace}/digits")
+    assert cfg.run_dir == Path(f"/artifacts/{cfg.namespace}/digits-uid-1")
     assert cfg.output.model_name == "digits"
 
 
