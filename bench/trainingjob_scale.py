@@ -94,6 +94,8 @@ def main() -> int:
                 sys.executable,
                 "-m",
                 "flownexus",
+                "--namespace",
+                "bench-*",  # only this benchmark's namespaces, whatever else runs on the cluster
                 "--metrics-port",
                 str(args.metrics_port),
                 "--health-port",
