@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from . import API_VERSION, GROUP, VERSION, kube
 from .api.common import format_validation_error
 from .api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
-from .builders.modeldeployment import MD_LABEL
+from .builders.modeldeployment import MD_LABEL, TRACK_LABEL
 from .canary import Event, Phase, wants_tick
 from .metrics import instrumented
 from .reconcilers import modeldeployment as md_reconciler
@@ -104,16 +104,36 @@ def _instrumented_pass(namespace: str, name: str) -> None:
     run_modeldeployment(namespace, name)
 
 
+def _replicas_stale(md_status: dict[str, Any], track: str | None, spec: Any, status: Any) -> bool:
+    """Whether status.stable / status.canary shows other replica counts than the Deployment has now (the HPA
+    scaled an idle deployment, a pod died): the pass then only rewrites them."""
+    shown = md_status.get(track or "") if track in ("stable", "canary") else None
+    if not isinstance(shown, dict):
+        return False
+    now = (int((spec or {}).get("replicas", 1)), int((status or {}).get("readyReplicas") or 0))
+    return (shown.get("replicas"), shown.get("readyReplicas") or 0) != now
+
+
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/part-of": "flownexus", MD_LABEL: kopf.PRESENT})
-def on_serving_deployment(labels: kopf.Labels, namespace: str | None, type: str | None, **_: Any) -> None:
-    """A serving Deployment changed: re-run the pass when someone waits for it (readiness) or it vanished."""
+def on_serving_deployment(
+    labels: kopf.Labels,
+    namespace: str | None,
+    type: str | None,
+    spec: kopf.Spec | None = None,
+    status: kopf.Status | None = None,
+    **_: Any,
+) -> None:
+    """A serving Deployment changed: re-run the pass when someone waits for it (readiness), it vanished, or the
+    replica counts in status are out of date."""
     if namespace is None:
         return
     name = labels[MD_LABEL]
     md = kube.get(API_VERSION, KIND, namespace, name)
     if md is None:
         return
-    phase = (md.get("status") or {}).get("phase")
-    if type == "DELETED" or phase in (Phase.PROGRESSING.value, Phase.PROMOTING.value):
+    md_status = md.get("status") or {}
+    phase = md_status.get("phase")
+    stale = _replicas_stale(md_status, labels.get(TRACK_LABEL), spec, status)
+    if type == "DELETED" or stale or phase in (Phase.PROGRESSING.value, Phase.PROMOTING.value):
         with contextlib.suppress(kopf.PermanentError):  # reported by the ModelDeployment's own handler
             _instrumented_pass(namespace, name)
