@@ -58,8 +58,10 @@ def ensure(manifest: Manifest, *, patch_existing: bool = True) -> Manifest:
         log.info("created %s %s/%s", manifest["kind"], meta.get("namespace"), meta["name"])
         return created
     except ConflictError:
+        current = get(manifest["apiVersion"], manifest["kind"], meta.get("namespace", ""), meta["name"])
+        if current is not None:
+            _check_controller(manifest, current)
         if not patch_existing:
-            current = get(manifest["apiVersion"], manifest["kind"], meta.get("namespace", ""), meta["name"])
             return current or manifest
         patched: Manifest = resource.patch(
             body=manifest,
@@ -68,6 +70,30 @@ def ensure(manifest: Manifest, *, patch_existing: bool = True) -> Manifest:
             content_type="application/merge-patch+json",
         ).to_dict()
         return patched
+
+
+class OwnershipConflict(RuntimeError):
+    """A child's name is taken by an object that another controller owns (or nobody does)."""
+
+
+def _controller_uid(obj: Manifest) -> str | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
+def _check_controller(desired: Manifest, current: Manifest) -> None:
+    """Never adopt or overwrite an object that is not ours: say whose it is instead."""
+    want = _controller_uid(desired)
+    have = _controller_uid(current)
+    if want is None or want == have:
+        return
+    meta = current["metadata"]
+    owner = next((f"{r['kind']} {r['name']}" for r in meta.get("ownerReferences") or [] if r.get("controller")),
+                 "no controller")  # fmt: skip
+    raise OwnershipConflict(
+        f"{desired['kind']} {meta.get('namespace')}/{meta['name']} already exists and belongs to {owner}; "
+        "rename one of them"
+    )
 
 
 def patch(api_version: str, kind: str, namespace: str, name: str, body: Manifest) -> Manifest:

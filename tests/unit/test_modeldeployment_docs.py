@@ -34,7 +34,9 @@ def lua_literal(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # Control characters (the JSON in a last-applied-configuration annotation has newlines) as \ddd escapes.
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + "".join(f"\\{ord(c):03d}" if ord(c) < 32 or ord(c) == 127 else c for c in escaped) + '"'
     if isinstance(value, list):
         return "{" + ", ".join(lua_literal(v) for v in value) + "}"
     return "{" + ", ".join(f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items()) + "}"

@@ -81,3 +81,26 @@ def test_an_invalid_spec_fails_with_the_field_path(monkeypatch: pytest.MonkeyPat
         {"phase": "Failed", "reason": "InvalidSpec", "message": written[0]["message"], "observedGeneration": 4}
     ]
     assert "spec.serving.batchSize" in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("shown", "replicas", "ready", "runs"),
+    [
+        ({"version": "1.0.0", "replicas": 1, "readyReplicas": 1}, 1, 1, False),  # up to date: an idle deployment
+        ({"version": "1.0.0", "replicas": 1, "readyReplicas": 1}, 2, 1, True),  # the HPA scaled it up
+        ({"version": "1.0.0", "replicas": 2, "readyReplicas": 1}, 2, 2, True),  # the new pod became ready
+    ],
+)
+def test_child_deployment_events_refresh_stale_replica_counts(
+    monkeypatch: pytest.MonkeyPatch,
+    passes: list[tuple[str, str]],
+    shown: dict[str, Any],
+    replicas: int,
+    ready: int,
+    runs: bool,
+) -> None:
+    monkeypatch.setattr(kube, "get", lambda *a: model_deployment(status={"phase": "Available", "stable": shown}))
+    labels = {"flownexus.io/modeldeployment": "digits", "flownexus.io/track": "stable"}
+    deployment = {"spec": {"replicas": replicas}, "status": {"readyReplicas": ready}}
+    h.on_serving_deployment(labels=labels, namespace="default", type="MODIFIED", **deployment)
+    assert passes == ([("default", "digits")] if runs else [])

@@ -49,12 +49,12 @@ def test_worker_job_is_an_indexed_gang(workers: int, procs: int, gpus: int, atte
     assert (spec["completions"], spec["parallelism"], spec["completionMode"]) == (workers, workers, "Indexed")
     assert spec["backoffLimit"] == 0  # any worker failure ends the attempt; the operator restarts the gang
     pod = spec["template"]["spec"]
-    assert pod["subdomain"] == "digits" and pod["restartPolicy"] == "Never"
+    assert pod["subdomain"] == "digits-workers" and pod["restartPolicy"] == "Never"
     cmd = container(job)["command"]
     assert cmd[0] == "torchrun"
     assert f"--nnodes={workers}" in cmd and f"--nproc-per-node={procs}" in cmd
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd
-    assert f"--master-addr=digits-a{attempt}-0.digits" in cmd
+    assert f"--master-addr=digits-a{attempt}-0.digits-workers" in cmd
     env = {e["name"]: e["value"] for e in container(job)["env"]}
     assert env["FLOWNEXUS_ATTEMPT"] == str(attempt)
     limits = container(job)["resources"]["limits"]

@@ -1,6 +1,6 @@
 """Children of a TrainingJob: trainer RBAC, config, headless Service, one Indexed Job per attempt, validator Job.
 
-Pods find rank 0 at ``<job>-0.<service>``: the Indexed Job gives each pod the hostname
+Pods find rank 0 at ``<job>-0.<tj>-workers``: the Indexed Job gives each pod the hostname
 ``<job>-<index>`` and the Service (``subdomain``) publishes it before the pod is ready.
 """
 
@@ -52,7 +52,8 @@ class TrainingContext:
 
 
 def service_name(name: str) -> str:
-    return name
+    # Not the bare TrainingJob name: a ModelDeployment of the same name owns that Service name.
+    return f"{name}-workers"
 
 
 def config_map_name(name: str) -> str:
