@@ -256,7 +256,7 @@ def _serving(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: i
     ready = _stable_ready(obs)
     wanted = spec.model.version
     if wanted == st.stable.version:
-        if ready:
+        if ready or _still_serving(st, obs):
             _phase(plan, spec, Phase.AVAILABLE.value, "Available", f"version {wanted} serves all traffic", generation)
         else:
             _phase(plan, spec, Phase.PROGRESSING.value, "RollingOut", _rollout_message(obs, wanted), generation)
@@ -456,6 +456,18 @@ def _rolled_back(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generatio
 def _stable_ready(obs: Observed) -> bool:
     # Scaled to zero on purpose (autoscaling off, replicas 0) counts as rolled out: nothing to load.
     return obs.stable is not None and obs.stable.rolled_out and (obs.stable.ready >= 1 or obs.stable.replicas == 0)
+
+
+def _still_serving(st: ModelDeploymentStatus, obs: Observed) -> bool:
+    """An Available deployment stays Available while its stable Deployment scales (the HPA) or rolls a new
+    config: pods of its version keep the model loaded and serve, so Ready must not flap."""
+    return (
+        st.phase == Phase.AVAILABLE.value
+        and obs.stable is not None
+        and obs.stable.version == (st.stable.version if st.stable else None)
+        and obs.stable.ready >= 1
+        and obs.stable.failure is None
+    )
 
 
 def _rollout_message(obs: Observed, version: str) -> str:

@@ -9,8 +9,9 @@ directory; Prometheus (Debian's binary) runs on the host and scrapes every pod a
 to the Service's ClusterIP (a new connection per request, so kube-proxy splits the traffic by replica ratio).
 
 The tests build on each other in file order, on one ModelDeployment `digits` in one namespace:
-version 1.0.0 becomes Available -> a good canary 2.0.0 is promoted -> a broken canary 3.0.0 is rolled back ->
-the HPA scales the stable Deployment under load -> the Argo CD health check reads Healthy.
+version 1.0.0 becomes Available -> the HPA scales its stable Deployment 1 -> 2 under load -> a good canary 2.0.0 is
+promoted (canary pods sized from the stable's current replicas) -> a broken canary 3.0.0 is rolled back -> the Argo CD
+health check reads Healthy.
 Run them with `-s` to see the `[figure]` lines (time to promote, time to roll back).
 """
 
@@ -33,6 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
+from flownexus.builders.modeldeployment import canary_replicas
 from tests.e2e.conftest import REPO, Cluster, _dev_cluster, _free_port, wait_until
 from tests.e2e.test_trainingjob import artifact_dir, example
 from tests.integration.trainer.procs import run_torchrun, run_validator, write_job_config
@@ -44,7 +46,10 @@ SERVER_TAG = "flownexus/server:0.1.0"  # the name examples/neuralcluster.yaml us
 MD = "digits"
 INTERVAL_S = 20  # rollout.interval
 FAILED_CHECKS = 2  # rollout.failedChecksBeforeRollback
-SCRAPE_S = 5
+# Short, so that the rollback bound holds in the worst case: errors are visible to rate() two scrapes after the
+# first one; then at most one interval to the next analysis slot, one more for the second failed check, and the
+# operator's 10 s timer: 2 x 2 + 20 + 20 + 10 = 54 s <= 20 s x 2 + 20 s.
+SCRAPE_S = 2
 ROLLOUT_TIMEOUT_S = 420  # a TorchServe pod takes 20-60 s to load the model on two busy cores
 ARCHIVES = {  # relative to the artifact store root
     "1.0.0": "e2e/digits/1.0.0/digits.mar",
@@ -110,7 +115,7 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
             {
                 "job_name": "flownexus-serving",
                 "scrape_interval": f"{SCRAPE_S}s",
-                "scrape_timeout": f"{SCRAPE_S - 1}s",
+                "scrape_timeout": f"{SCRAPE_S}s",
                 "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "5s"}],
             }
         ],
@@ -467,6 +472,39 @@ def test_first_version_becomes_available_and_answers_in_the_cluster(serving: Ser
     assert [p["port"] for p in ports] == [8080]
 
 
+def test_hpa_scales_the_stable_deployment_under_load(serving: Serving) -> None:
+    hpa_name = f"{MD}-stable"
+    hpa = serving.cluster.get("-n", serving.namespace, "hpa", hpa_name)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == f"{MD}-stable"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 2)
+    assert int(serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")["spec"]["replicas"]) == 1
+    url = f"{serving.service_url()}/predictions/{MD}"
+    started = time.monotonic()
+
+    def scaled() -> bool:
+        dep = serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")
+        return int(dep["spec"].get("replicas", 0)) >= 2
+
+    with Load(url, threads=8, pause_s=0.0, max_seconds=300) as load:
+        try:
+            wait_until("the HPA to scale the stable Deployment to 2", scaled, 280, interval=3)
+        except pytest.fail.Exception:
+            pytest.fail(
+                "no scale-up\n"
+                + serving.cluster.kubectl("-n", serving.namespace, "describe", "hpa", hpa_name, check=False).stdout
+            )
+        scaled_after = time.monotonic() - started
+    hpa = serving.cluster.get("-n", serving.namespace, "hpa", hpa_name)
+    print(f"\n[figure] HPA: load on -> stable scaled 1 -> 2: {scaled_after:.0f} s; load {load.summary()}; "
+          f"CPU {hpa['status'].get('currentMetrics')}")  # fmt: skip
+    # The operator did not fight the HPA: the ModelDeployment's spec is untouched and the replicas stay.
+    st = serving.status()
+    assert st["phase"] == "Available"
+    assert serving.cluster.get("-n", serving.namespace, "mdep", MD)["spec"]["autoscaling"]["minReplicas"] == 1
+    serving.wait("two ready stable pods", lambda st: (st.get("stable") or {}).get("readyReplicas") == 2, timeout=240)
+    assert int(serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")["spec"]["replicas"]) == 2
+
+
 def test_good_canary_is_promoted_through_every_step_under_load(serving: Serving) -> None:
     url = f"{serving.service_url()}/predictions/{MD}"
     with Load(url, threads=3, pause_s=0.05, max_seconds=ROLLOUT_TIMEOUT_S + 120) as load:
@@ -479,8 +517,20 @@ def test_good_canary_is_promoted_through_every_step_under_load(serving: Serving)
             lambda st: ((st.get("canary") or {}).get("readyReplicas") or 0) >= 1 or st.get("phase") != "Canary",
         )
         ready = time.monotonic()
-        serving.wait("promotion to Available at 2.0.0", available_at("2.0.0"))
+        seen: list[dict[str, Any]] = []  # status during the steps
+
+        def promoted(st: dict[str, Any]) -> bool:
+            if st.get("phase") == "Canary" and st.get("canary"):
+                seen.append(st)
+            return bool(available_at("2.0.0")(st))
+
+        serving.wait("promotion to Available at 2.0.0", promoted)
         done = time.monotonic()
+    # Both steps ran, and the canary's replicas followed the weight of the stable's current (HPA-chosen) replicas.
+    assert {st["canary"]["weight"] for st in seen} >= {50}, seen[-1:]
+    for st in seen:
+        want = canary_replicas(st["stable"]["replicas"], st["canary"]["weight"], 2)
+        assert st["canary"]["replicas"] == want, (st["stable"], st["canary"])
     st = serving.status()
     outcomes = [(h["version"], h["outcome"]) for h in st["history"]]
     assert outcomes[-2:] == [("1.0.0", "Retired"), ("2.0.0", "Promoted")], outcomes
@@ -552,42 +602,12 @@ def test_bad_canary_is_rolled_back_in_time_and_stable_never_fails(serving: Servi
         ),
         120,
     )
+    # The pods stop by their preStop hook (drain 5 s, `torchserve --stop`), not at the 30 s grace period's SIGKILL.
+    print(f"[figure] RolledBack -> canary pods gone: {time.monotonic() - rolled_back:.0f} s")
 
     # Back to the stable version: Available again, with no new rollout.
     serving.set_model("2.0.0")
     serving.wait("Available at 2.0.0 again", available_at("2.0.0"), timeout=60)
-
-
-def test_hpa_scales_the_stable_deployment_under_load(serving: Serving) -> None:
-    hpa_name = f"{MD}-stable"
-    hpa = serving.cluster.get("-n", serving.namespace, "hpa", hpa_name)
-    assert hpa["spec"]["scaleTargetRef"]["name"] == f"{MD}-stable"
-    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 2)
-    url = f"{serving.service_url()}/predictions/{MD}"
-    started = time.monotonic()
-
-    def scaled() -> bool:
-        dep = serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")
-        return int(dep["spec"].get("replicas", 0)) >= 2
-
-    with Load(url, threads=8, pause_s=0.0, max_seconds=300) as load:
-        try:
-            wait_until("the HPA to scale the stable Deployment to 2", scaled, 280, interval=3)
-        except pytest.fail.Exception:
-            pytest.fail(
-                "no scale-up\n"
-                + serving.cluster.kubectl("-n", serving.namespace, "describe", "hpa", hpa_name, check=False).stdout
-            )
-        scaled_after = time.monotonic() - started
-    hpa = serving.cluster.get("-n", serving.namespace, "hpa", hpa_name)
-    print(f"\n[figure] HPA: load on -> stable scaled 1 -> 2: {scaled_after:.0f} s; load {load.summary()}; "
-          f"CPU {hpa['status'].get('currentMetrics')}")  # fmt: skip
-    # The operator did not fight the HPA: the ModelDeployment's spec is untouched and the replicas stay.
-    st = serving.status()
-    assert st["phase"] == "Available"
-    assert serving.cluster.get("-n", serving.namespace, "mdep", MD)["spec"]["autoscaling"]["minReplicas"] == 1
-    serving.wait("two ready stable pods", lambda st: (st.get("stable") or {}).get("readyReplicas") == 2, timeout=240)
-    assert int(serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")["spec"]["replicas"]) == 2
 
 
 @pytest.mark.skipif(LUA is None, reason="lua5.1 is not installed (apt-get install lua5.1)")

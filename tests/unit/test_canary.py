@@ -145,6 +145,16 @@ def test_progressing_until_the_model_is_loaded_then_available() -> None:
     assert "Available" in reasons(plan)
 
 
+def test_available_stays_available_while_the_hpa_scales_the_stable() -> None:
+    scaling = DeploymentView(replicas=3, ready=2, version="1.0.0", rolled_out=False)  # generation not observed yet
+    st = available_v1()
+    st.reason = "Available"
+    plan = decide(spec("1.0.0"), st, obs(source=V1, stable=scaling), 1)
+    assert plan.status.phase == "Available" and cond(plan.status, "Ready") == "True"
+    assert plan.status.stable is not None and (plan.status.stable.replicas, plan.status.stable.ready_replicas) == (3, 2)
+    assert not reasons(plan)  # no Event: nothing changed but the counts
+
+
 def test_stable_scaled_to_zero_by_spec_is_available() -> None:
     zero = DeploymentView(replicas=0, ready=0, version="1.0.0", rolled_out=True)
     st = available_v1()

@@ -191,6 +191,8 @@ def test_deployment_labels_probe_and_scrape_annotations(track: str) -> None:
     assert all(p["containerPort"] != 8081 for p in server["ports"])  # management is never exposed
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod(dep)["automountServiceAccountToken"] is False
+    # PID 1 ignores SIGTERM: the pod stops TorchServe itself after a short drain.
+    assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sh", "-c", "sleep 5; torchserve --stop"]
 
 
 def test_init_container_copies_the_archive_and_only_it_mounts_the_artifact_store() -> None:

@@ -188,6 +188,20 @@ def current(fake: FakeKube) -> Manifest:
             },
             DeploymentView(replicas=3, ready=3, version="1.0.0", rolled_out=True),
         ),
+        (  # the HPA scaled it up and the new pod is still loading the model: no rollout
+            {
+                "metadata": {"generation": 2},
+                "spec": {"replicas": 2, "template": {"metadata": {"labels": {"flownexus.io/version": "1.0.0"}}}},
+                "status": {
+                    "observedGeneration": 2,
+                    "replicas": 2,
+                    "updatedReplicas": 2,
+                    "readyReplicas": 1,
+                    "availableReplicas": 1,
+                },
+            },
+            DeploymentView(replicas=2, ready=1, version="1.0.0", rolled_out=True),
+        ),
         (  # the controller has not seen the new template yet
             {
                 "metadata": {"generation": 3},

@@ -36,6 +36,7 @@ CONF_DIR = f"{SERVE_ROOT}/conf"
 RUN_DIR = f"{SERVE_ROOT}/run"  # TorchServe's working dir: logs/ and key_file.json
 TOKEN_DIR = "/var/run/secrets/flownexus/inference"
 RESPONSE_TIMEOUT_S = 120
+PRE_STOP_DRAIN_S = 5  # seconds a stopping pod keeps answering while its endpoint is removed
 RUN_AS = 1000
 MD_LABEL = "flownexus.io/modeldeployment"
 TRACK_LABEL = "flownexus.io/track"
@@ -392,6 +393,10 @@ def _server_container(ctx: ServingContext) -> Manifest:
         "startupProbe": _exec_probe(period=5, failures=60),
         "readinessProbe": _exec_probe(period=10, failures=3),
         "livenessProbe": _exec_probe(period=20, failures=3, timeout=10),
+        # The torchserve launcher is PID 1 and installs no SIGTERM handler, so the kernel drops SIGTERM and a pod
+        # would hold its CPU for the whole grace period (30 s). Instead: let kube-proxy drop the pod's endpoint
+        # while it still answers, then stop the frontend (the launcher exits with it).
+        "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", f"sleep {PRE_STOP_DRAIN_S}; torchserve --stop"]}}},
         "volumeMounts": [
             {"name": "templates", "mountPath": TEMPLATE_DIR, "readOnly": True},
             {"name": "model-store", "mountPath": MODEL_STORE, "readOnly": True},

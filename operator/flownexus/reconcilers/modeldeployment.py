@@ -71,8 +71,10 @@ def deployment_view(dep: Manifest | None) -> DeploymentView | None:
     generation = int(dep["metadata"].get("generation") or 0)
     updated = int(status.get("updatedReplicas") or 0)
     total = int(status.get("replicas") or 0)
-    available = int(status.get("availableReplicas") or 0)
-    rolled_out = observed >= generation and updated >= replicas and total <= updated and available >= replicas
+    # Rolled out = every pod runs the current template (old pods go only once new ones are available, as
+    # maxUnavailable is 0). Not "every pod available": an HPA scale-up is no rollout, and an Available
+    # deployment stays Available (Ready) while its new pods load the model.
+    rolled_out = observed >= generation and updated >= replicas and total <= updated
     failure = None
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
