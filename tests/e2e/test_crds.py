@@ -37,6 +37,12 @@ def crds(cluster: Cluster) -> Cluster:
 
 
 def test_explain_shows_field_descriptions(crds: Cluster) -> None:
+    # The OpenAPI document that explain reads is published a little after discovery serves the kind.
+    wait_until(
+        "trainingjob in the published OpenAPI",
+        lambda: crds.kubectl("explain", "trainingjob.spec", check=False).returncode == 0,
+        90,
+    )
     out = crds.kubectl("explain", "trainingjob.spec").stdout
     assert "DESCRIPTION" in out and "FIELDS" in out
     # Every field carries a description from the pydantic models; the spec's own must not be empty.
