@@ -10,11 +10,9 @@ import kopf
 from pydantic import BaseModel, ValidationError
 
 from . import GROUP, VERSION, kube
-from .api import KINDS
 from .api.common import format_validation_error
 from .api.neuralcluster import NeuralClusterSpec, NeuralClusterStatus
 from .api.trainingjob import TrainingJobSpec, TrainingJobStatus
-from .builders.neuralcluster import artifact_claim_name
 from .builders.trainingjob import TrainingContext
 from .metrics import instrumented
 from .reconcilers import neuralcluster as nc_reconciler
@@ -106,20 +104,6 @@ def reconcile_neuralcluster(
         kopf.info(body, reason="Ready", message=f"artifact store {outcome.status.artifact_claim} is available")
 
 
-def _cluster_for(namespace: str, cluster_name: str) -> tuple[NeuralClusterSpec | None, str | None, str]:
-    """The NeuralCluster's spec and artifact claim, or why it cannot be used yet."""
-    nc = kube.get(f"{GROUP}/{VERSION}", "NeuralCluster", namespace, cluster_name)
-    if nc is None:
-        return None, None, f"NeuralCluster {cluster_name} (spec.clusterRef.name) does not exist"
-    try:
-        spec = NeuralClusterSpec.model_validate(nc["spec"])
-    except ValidationError as exc:
-        return None, None, f"NeuralCluster {cluster_name} is invalid: " + "; ".join(format_validation_error(exc))
-    if (nc.get("status") or {}).get("phase") != "Ready":
-        return None, None, f"NeuralCluster {cluster_name} is not Ready yet"
-    return spec, artifact_claim_name(cluster_name, spec), ""
-
-
 def run_trainingjob(body: dict[str, Any], active_jobs: kopf.Index[Any, str] | None) -> None:
     """One reconcile pass of a TrainingJob: observe, decide, act, write status once."""
     meta = body["metadata"]
@@ -138,7 +122,7 @@ def run_trainingjob(body: dict[str, Any], active_jobs: kopf.Index[Any, str] | No
         )
         kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message="; ".join(lines))
         raise kopf.PermanentError("invalid spec: " + "; ".join(lines)) from exc
-    cluster_spec, claim, problem = _cluster_for(namespace, spec.cluster_ref.name)
+    cluster_spec, claim, problem = nc_reconciler.cluster_for(namespace, spec.cluster_ref.name)
     ctx = (
         TrainingContext(owner=body, spec=spec, cluster=cluster_spec, artifact_claim=claim)
         if cluster_spec is not None and claim is not None
@@ -210,11 +194,6 @@ def on_training_child_job(labels: kopf.Labels, namespace: str | None, type: str 
         return
     with contextlib.suppress(kopf.TemporaryError):  # the TrainingJob's own handler owns retries
         run_trainingjob(tj, kwargs.get("active_jobs_by_cluster"))
-
-
-def registered_kinds() -> list[str]:
-    """The kinds this operator watches (for --help and tests)."""
-    return [k.plural for k in KINDS]
 
 
 # ModelDeployment registrations live in their own module; importing it registers them with Kopf.

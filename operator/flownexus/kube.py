@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
@@ -120,7 +119,3 @@ def patch_status(api_version: str, kind: str, namespace: str, name: str, status:
     _resource(api_version, kind).status.patch(
         body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json"
     )
-
-
-def is_not_found(exc: BaseException) -> bool:
-    return isinstance(exc, NotFoundError) or (isinstance(exc, ApiException) and exc.status == 404)

@@ -16,9 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .. import API_VERSION, kube
-from ..api.common import format_validation_error
 from ..api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
-from ..api.neuralcluster import NeuralClusterSpec
 from ..api.trainingjob import TrainingJobStatus
 from ..builders.common import Manifest
 from ..builders.modeldeployment import (
@@ -38,7 +36,6 @@ from ..builders.modeldeployment import (
     pod_prefix,
     service_name,
 )
-from ..builders.neuralcluster import artifact_claim_name
 from ..canary import DeploymentView, Event, Measurement, Observed, Plan, Source, analysis_due, decide
 from ..metrics import CANARY_DECISIONS
 from ..prometheus import (
@@ -51,6 +48,7 @@ from ..prometheus import (
     error_rate_query,
     latency_p99_ms_query,
 )
+from .neuralcluster import cluster_for
 
 log = logging.getLogger(__name__)
 KIND = "ModelDeployment"
@@ -151,20 +149,6 @@ def resolve_source(spec: ModelDeploymentSpec, namespace: str) -> tuple[Source | 
     assert model.training_job_ref is not None
     name = model.training_job_ref.name
     return source_from_training_job(model.version, name, kube.get(API_VERSION, "TrainingJob", namespace, name))
-
-
-def cluster_for(namespace: str, cluster_name: str) -> tuple[NeuralClusterSpec | None, str | None, str]:
-    """The NeuralCluster's spec and artifact claim, or why it cannot be used yet."""
-    nc = kube.get(API_VERSION, "NeuralCluster", namespace, cluster_name)
-    if nc is None:
-        return None, None, f"spec.clusterRef: NeuralCluster {cluster_name} does not exist"
-    try:
-        spec = NeuralClusterSpec.model_validate(nc["spec"])
-    except ValidationError as exc:
-        return None, None, f"NeuralCluster {cluster_name} is invalid: " + "; ".join(format_validation_error(exc))
-    if (nc.get("status") or {}).get("phase") != "Ready":
-        return None, None, f"NeuralCluster {cluster_name} is not Ready yet"
-    return spec, artifact_claim_name(cluster_name, spec), ""
 
 
 def canary_selector(ctx: ServingContext, source: Source | None, canary_version: str) -> CanarySelector:

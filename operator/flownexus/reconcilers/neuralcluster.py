@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .. import kube
+from pydantic import ValidationError
+
+from .. import API_VERSION, kube
+from ..api.common import format_validation_error
 from ..api.neuralcluster import NeuralClusterSpec, NeuralClusterStatus
 from ..builders.common import Manifest, set_condition
 from ..builders.neuralcluster import artifact_claim_name, build_artifact_pvc
@@ -52,3 +55,17 @@ def reconcile(
     )
     log.debug("neuralcluster %s/%s: %s", namespace, name, new.phase)
     return Outcome(new, waiting_for)
+
+
+def cluster_for(namespace: str, cluster_name: str) -> tuple[NeuralClusterSpec | None, str | None, str]:
+    """The NeuralCluster's spec and artifact claim, or why it cannot be used yet."""
+    nc = kube.get(API_VERSION, "NeuralCluster", namespace, cluster_name)
+    if nc is None:
+        return None, None, f"spec.clusterRef: NeuralCluster {cluster_name} does not exist"
+    try:
+        spec = NeuralClusterSpec.model_validate(nc["spec"])
+    except ValidationError as exc:
+        return None, None, f"NeuralCluster {cluster_name} is invalid: " + "; ".join(format_validation_error(exc))
+    if (nc.get("status") or {}).get("phase") != "Ready":
+        return None, None, f"NeuralCluster {cluster_name} is not Ready yet"
+    return spec, artifact_claim_name(cluster_name, spec), ""
