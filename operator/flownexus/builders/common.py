@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,6 +10,21 @@ from ..api.common import Condition
 
 Manifest = dict[str, Any]
 PART_OF = "flownexus"
+
+
+@dataclass(frozen=True)
+class OwnedContext:
+    """Base of the builders' contexts: the object whose children they build."""
+
+    owner: Manifest  # the owning object (apiVersion, kind, metadata with uid)
+
+    @property
+    def name(self) -> str:
+        return str(self.owner["metadata"]["name"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self.owner["metadata"]["namespace"])
 
 
 def labels(kind: str, name: str, component: str, **extra: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Literal
 
 from ..api.modeldeployment import ModelDeploymentSpec
 from ..api.neuralcluster import NeuralClusterSpec
-from .common import Manifest, child_metadata
+from .common import Manifest, OwnedContext, child_metadata
 
 Track = Literal["stable", "canary"]
 
@@ -45,21 +45,12 @@ CONFIG_HASH_ANNOTATION = "flownexus.io/config-hash"
 
 
 @dataclass(frozen=True)
-class ServingContext:
+class ServingContext(OwnedContext):
     """Everything the builders need about one ModelDeployment, resolved once by the reconciler."""
 
-    owner: Manifest  # the ModelDeployment object (apiVersion, kind, metadata with uid)
     spec: ModelDeploymentSpec
     cluster: NeuralClusterSpec
     artifact_claim: str
-
-    @property
-    def name(self) -> str:
-        return str(self.owner["metadata"]["name"])
-
-    @property
-    def namespace(self) -> str:
-        return str(self.owner["metadata"]["namespace"])
 
     @property
     def model_name(self) -> str:

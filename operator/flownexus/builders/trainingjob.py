@@ -13,7 +13,7 @@ from typing import Any
 from .. import API_VERSION
 from ..api.neuralcluster import NeuralClusterSpec
 from ..api.trainingjob import TrainingJobSpec
-from .common import Manifest, child_metadata
+from .common import Manifest, OwnedContext, child_metadata
 
 MASTER_PORT = 29500
 CONFIG_DIR = "/etc/flownexus"
@@ -23,21 +23,12 @@ TRAINER_UID = 10001
 
 
 @dataclass(frozen=True)
-class TrainingContext:
+class TrainingContext(OwnedContext):
     """Everything the builders need about one TrainingJob, resolved once by the reconciler."""
 
-    owner: Manifest  # the TrainingJob object (apiVersion, kind, metadata with uid)
     spec: TrainingJobSpec
     cluster: NeuralClusterSpec
     artifact_claim: str
-
-    @property
-    def name(self) -> str:
-        return str(self.owner["metadata"]["name"])
-
-    @property
-    def namespace(self) -> str:
-        return str(self.owner["metadata"]["namespace"])
 
     @property
     def run_dir(self) -> str:
