@@ -13,6 +13,7 @@ Needs: `dev/cluster up` (with KWOK nodes) and the operator running with `--metri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -28,14 +29,12 @@ STARTED = {"Created", "Running", "Validating", "Succeeded", "Failed"}
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 
 
+@functools.cache
 def kubectl_path() -> str:
-    versions = dict(
-        line.split("=", 1)
-        for line in (REPO / "dev" / "versions.env").read_text().splitlines()
-        if "=" in line and not line.startswith("#")
-    )
-    cache = Path(os.environ.get("FLOWNEXUS_CACHE", Path.home() / ".cache" / "flownexus"))
-    return str(cache / "bin" / f"kubernetes-{versions['KUBERNETES_VERSION']}" / "kubectl")
+    """The kubectl the local cluster built (dev/cluster knows the pinned version and the cache)."""
+    which = subprocess.run([str(REPO / "dev" / "cluster"), "which", "kubectl"], capture_output=True, text=True,
+                           check=True)  # fmt: skip
+    return which.stdout.strip()
 
 
 KUBECONFIG = str(REPO / ".local" / "kubeconfig")
