@@ -136,15 +136,23 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+def build_image(
+    context: Path, name: str, *, containerfile: str | None = None, tag: str | None = None, timeout: float = 900
+) -> str:
+    """Build a Containerfile with the harness (buildah), load it into the node; the image reference to use."""
+    args = ["build-image", str(context), "--name", name]
+    args += ["-f", str(context / containerfile)] if containerfile else []
+    args += ["--tag", tag] if tag else []
+    result = _dev_cluster(*args, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"dev/cluster build-image {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="session")
 def web_image(cluster: Cluster) -> str:
     """The test HTTP server image, built by the harness (buildah) and loaded into the node."""
-    result = _dev_cluster(
-        "build-image", str(Path(__file__).parent / "images" / "web"), "--name", "e2e-web", timeout=900
-    )
-    if result.returncode != 0:
-        pytest.fail(f"dev/cluster build-image failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout.strip().splitlines()[-1]
+    return build_image(Path(__file__).parent / "images" / "web", "e2e-web")
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, Cluster, _dev_cluster, wait_until
+from tests.e2e.conftest import REPO, Cluster, _dev_cluster, build_image, wait_until
 
 pytestmark = pytest.mark.e2e
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
@@ -19,11 +19,7 @@ KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": 
 
 @pytest.fixture(scope="session")
 def operator_image(cluster: Cluster) -> str:
-    result = _dev_cluster("build-image", str(REPO / "operator"), "--name", "operator", "--tag",
-                          "flownexus/operator:0.1.0", timeout=900)  # fmt: skip
-    if result.returncode != 0:
-        pytest.fail(f"building the operator image failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result.stdout.strip().splitlines()[-1]
+    return build_image(REPO / "operator", "operator", tag="flownexus/operator:0.1.0")
 
 
 def helm(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

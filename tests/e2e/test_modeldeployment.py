@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from flownexus.builders.modeldeployment import canary_replicas
-from tests.e2e.conftest import REPO, Cluster, _dev_cluster, _free_port, wait_until
+from tests.e2e.conftest import REPO, Cluster, _free_port, build_image, wait_until
 from tests.e2e.test_trainingjob import artifact_dir, example
 from tests.integration.trainer.procs import run_torchrun, run_validator, write_job_config
 from tests.unit.test_modeldeployment_docs import LUA, health
@@ -64,14 +64,9 @@ ARCHIVES = {  # relative to the artifact store root
 @pytest.fixture(scope="session")
 def server_image(cluster: Cluster) -> str:
     """The TorchServe image built from trainer_image/Containerfile.server, also named as in the examples."""
-    context = REPO / "trainer_image"
-    result = _dev_cluster(
-        "build-image", str(context), "-f", str(context / "Containerfile.server"), "--name", "server",
-        "--tag", SERVER_TAG, timeout=2400,
-    )  # fmt: skip
-    if result.returncode != 0:
-        pytest.fail(f"building the server image failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result.stdout.strip().splitlines()[-1]
+    return build_image(
+        REPO / "trainer_image", "server", containerfile="Containerfile.server", tag=SERVER_TAG, timeout=2400
+    )
 
 
 def scrape_targets(cluster: Cluster) -> list[dict[str, Any]] | None:

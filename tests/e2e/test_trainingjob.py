@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import REPO, Cluster, _dev_cluster, wait_until
+from tests.e2e.conftest import REPO, Cluster, build_image, wait_until
 
 pytestmark = pytest.mark.e2e
 TRAIN_TIMEOUT_S = 900
@@ -26,14 +26,9 @@ TRAINER_TAG = "flownexus/trainer:0.1.0"  # the name examples/neuralcluster.yaml 
 @pytest.fixture(scope="session")
 def trainer_image(cluster: Cluster) -> str:
     """The trainer image built from trainer_image/Containerfile.trainer, also named as in the examples."""
-    context = REPO / "trainer_image"
-    result = _dev_cluster(
-        "build-image", str(context), "-f", str(context / "Containerfile.trainer"), "--name", "trainer",
-        "--tag", TRAINER_TAG, timeout=2400,
-    )  # fmt: skip
-    if result.returncode != 0:
-        pytest.fail(f"building the trainer image failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result.stdout.strip().splitlines()[-1]
+    return build_image(
+        REPO / "trainer_image", "trainer", containerfile="Containerfile.trainer", tag=TRAINER_TAG, timeout=2400
+    )
 
 
 def example(name: str, namespace: str, **spec_overrides: Any) -> dict[str, Any]:
