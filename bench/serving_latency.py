@@ -41,7 +41,7 @@ from tests.integration.trainer.procs import (  # noqa: E402
 
 from flownexus.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
 from flownexus.api.neuralcluster import NeuralClusterSpec  # noqa: E402
-from flownexus.builders.modeldeployment import (  # noqa: E402
+from flownexus.modeldeployment.children import (  # noqa: E402
     INFERENCE_PORT,
     MANAGEMENT_PORT,
     METRICS_PORT,

@@ -1,28 +1,38 @@
-"""Kopf registrations only: each handler parses the object, calls a reconciler, writes status once."""
+"""Kopf registrations only: every watch event updates the cache and queues the objects it concerns.
+
+Kopf is the watch layer (and the health endpoint, peering, signals); the passes themselves run in the
+shared loop of :mod:`flownexus.runtime.controller`. No handler here changes an object, so Kopf keeps no
+bookkeeping annotations or finalizers on ours: a TrainingJob copied with `kubectl get -o yaml` is an
+ordinary new object.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import fnmatch
 import logging
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import kopf
-from pydantic import BaseModel, ValidationError
 
-from . import GROUP, VERSION, kube
-from .api.common import format_validation_error
-from .api.neuralcluster import NeuralClusterSpec, NeuralClusterStatus
-from .api.trainingjob import TrainingJobSpec, TrainingJobStatus
-from .builders.trainingjob import TrainingContext
-from .metrics import instrumented
-from .reconcilers import neuralcluster as nc_reconciler
-from .reconcilers import trainingjob as tj_reconciler
+from .meta import Manifest
+from .modeldeployment.reconciler import ModelDeploymentReconciler
+from .neuralcluster.reconciler import NeuralClusterReconciler
+from .runtime.cache import Cache, controller_uid
+from .runtime.client import PLURALS, Client
+from .runtime.controller import Controller
 from .settings import Settings
+from .trainingjob.decide import FINISHED, cluster_of, uses_capacity
+from .trainingjob.reconciler import POD_OWNED_STATUS, Admission, TrainingJobReconciler
 
 log = logging.getLogger(__name__)
+PRIMARY = ("NeuralCluster", "TrainingJob", "ModelDeployment")
+# Children read from the cache (with the label every child carries, except adopted PVCs).
+CHILDREN = ("Job", "Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "NetworkPolicy", "PersistentVolumeClaim")  # fmt: skip
+PART_OF = {"app.kubernetes.io/part-of": "flownexus"}
 _SETTINGS: Settings | None = None
-POD_OWNED_STATUS = {"progress", "best_metrics", "latest_checkpoint"}
-ACTIVE_TJ_PHASES = {"Pending", "Created", "Running", "Restarting", "Validating"}
 
 
 def configure(settings: Settings) -> None:
@@ -31,170 +41,161 @@ def configure(settings: Settings) -> None:
     _SETTINGS = settings
 
 
+@dataclass
+class Runtime:
+    client: Client
+    cache: Cache
+    controller: Controller
+    admission: Admission
+
+
+RUNTIME: Runtime | None = None
+
+
+def _namespaces() -> list[str]:
+    return list(_SETTINGS.namespaces) if _SETTINGS is not None else []
+
+
+def _in_scope(namespace: str) -> bool:
+    patterns = _namespaces()
+    return not patterns or any(fnmatch.fnmatch(namespace, p) for p in patterns)
+
+
+def _prime(client: Client, cache: Cache) -> None:
+    """LIST every kind once before any pass runs, so that no pass mistakes an unseen child for a missing one."""
+    plain = [p for p in _namespaces() if not any(ch in p for ch in "*?[")]
+    per_namespace = bool(plain) and len(plain) == len(_namespaces())
+    for kind in (*PRIMARY, *CHILDREN):
+        selector = "" if kind in (*PRIMARY, "PersistentVolumeClaim") else "app.kubernetes.io/part-of=flownexus"
+        if per_namespace:
+            items = [o for ns in plain for o in client.list(kind, ns, selector)]
+        else:
+            items = [o for o in client.list(kind, None, selector) if _in_scope(o["metadata"].get("namespace", ""))]
+        cache.replace_kind(kind, items)
+
+
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Kopf's bookkeeping goes to annotations so that our status stays exactly the typed schema.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    settings.posting.level = logging.INFO
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global RUNTIME
+    settings.posting.enabled = False  # our Events come from the passes, after the status write
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 8
-    log.info(
-        "flownexus operator starting (%s)",
-        "cluster-wide" if _SETTINGS is None or _SETTINGS.cluster_wide else ", ".join(_SETTINGS.namespaces),
+    client = Client.from_environment()
+    cache = Cache()
+    admission = Admission(cache)
+    controller = Controller(
+        client,
+        cache,
+        [
+            NeuralClusterReconciler(cache),
+            TrainingJobReconciler(client, cache, admission),
+            ModelDeploymentReconciler(cache),
+        ],
     )
+    await asyncio.get_running_loop().run_in_executor(None, _prime, client, cache)
+    await controller.start()
+    RUNTIME = Runtime(client, cache, controller, admission)
+    for kind in PRIMARY:
+        for obj in cache.list(kind):
+            controller.enqueue(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+    scope = "cluster-wide" if not _namespaces() else ", ".join(_namespaces())
+    log.info("flownexus operator started (%s); %d objects cached", scope, sum(len(cache.list(k)) for k in PRIMARY))
 
 
-def parse_spec(model: type[BaseModel], spec: Any, body: Any) -> Any:
-    """Parse a spec through the API model; a spec that can never work is a PermanentError with the paths."""
-    try:
-        return model.model_validate(dict(spec))
-    except ValidationError as exc:
-        lines = format_validation_error(exc)
-        kopf.warn(body, reason="InvalidSpec", message="; ".join(lines))
-        raise kopf.PermanentError("invalid spec: " + "; ".join(lines)) from exc
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if RUNTIME is not None:
+        await RUNTIME.controller.stop()
 
 
-# Indexes keep per-cluster counts in memory, fed by watch events (no polling).
-@kopf.index(GROUP, VERSION, "trainingjobs")
-def active_jobs_by_cluster(spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, **_: Any) -> Any:
-    if dict(status).get("phase", "Pending") in ACTIVE_TJ_PHASES:
-        return {(namespace, dict(spec).get("clusterRef", {}).get("name")): name}
-    return None
+# ---- which passes an event concerns ------------------------------------------------------------------
 
 
-@kopf.index(GROUP, VERSION, "modeldeployments")
-def deployments_by_cluster(spec: kopf.Spec, namespace: str | None, name: str, **_: Any) -> Any:
-    return {(namespace, dict(spec).get("clusterRef", {}).get("name")): name}
+def _unchanged(old: Manifest | None, new: Manifest) -> bool:
+    """Our own write coming back through the watch (the cache already holds that version)."""
+    return old is not None and old["metadata"].get("resourceVersion") == new["metadata"].get("resourceVersion")
 
 
-@kopf.on.create(GROUP, VERSION, "neuralclusters")
-@kopf.on.update(GROUP, VERSION, "neuralclusters")
-@kopf.on.resume(GROUP, VERSION, "neuralclusters")
-@kopf.timer(GROUP, VERSION, "neuralclusters", interval=60, idle=30)
-@instrumented("NeuralCluster")
-def reconcile_neuralcluster(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    namespace: str | None,
-    name: str,
-    **kwargs: Any,
-) -> None:
-    active_jobs_by_cluster: kopf.Index[Any, str] = kwargs["active_jobs_by_cluster"]
-    deployments_by_cluster: kopf.Index[Any, str] = kwargs["deployments_by_cluster"]
-    parsed = parse_spec(NeuralClusterSpec, spec, body)
-    current = NeuralClusterStatus.model_validate(dict(status))
-    key = (namespace, name)
-    outcome = nc_reconciler.reconcile(
-        dict(body),
-        parsed,
-        current,
-        active_jobs=len(active_jobs_by_cluster.get(key, [])),
-        deployments=len(deployments_by_cluster.get(key, [])),
-    )
-    patch.status.update(outcome.status.to_wire())
-    if outcome.waiting_for:
-        kopf.info(body, reason="Waiting", message=outcome.waiting_for)
-        raise kopf.TemporaryError(f"Waiting for {outcome.waiting_for}", delay=15)
-    if current.phase != "Ready":
-        kopf.info(body, reason="Ready", message=f"artifact store {outcome.status.artifact_claim} is available")
+def _only_progress(old: Manifest | None, new: Manifest) -> bool:
+    """Only the fields rank 0 patches (live metrics) changed: nothing for the operator to decide."""
+    if (
+        old is None
+        or old.get("spec") != new.get("spec")
+        or old["metadata"].get("deletionTimestamp") != new["metadata"].get("deletionTimestamp")
+    ):
+        return False
+    return _decided_status(old) == _decided_status(new)
 
 
-def run_trainingjob(body: dict[str, Any], active_jobs: kopf.Index[Any, str] | None) -> None:
-    """One reconcile pass of a TrainingJob: observe, decide, act, write status once."""
-    meta = body["metadata"]
-    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
-    status = TrainingJobStatus.model_validate(body.get("status") or {})
-    try:
-        spec = TrainingJobSpec.model_validate(body["spec"])
-    except ValidationError as exc:
-        lines = format_validation_error(exc)
-        kube.patch_status(
-            f"{GROUP}/{VERSION}",
-            "TrainingJob",
-            namespace,
-            name,
-            {"phase": "Failed", "reason": "InvalidSpec", "message": "; ".join(lines), "observedGeneration": generation},
-        )
-        kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message="; ".join(lines))
-        raise kopf.PermanentError("invalid spec: " + "; ".join(lines)) from exc
-    cluster_spec, claim, problem = nc_reconciler.cluster_for(namespace, spec.cluster_ref.name)
-    ctx = (
-        TrainingContext(owner=body, spec=spec, cluster=cluster_spec, artifact_claim=claim)
-        if cluster_spec is not None and claim is not None
-        else None
-    )
-    running = set(active_jobs.get((namespace, spec.cluster_ref.name), [])) if active_jobs is not None else set()
-    running.discard(name)
-    limit = cluster_spec.limits if cluster_spec is not None else None
-    observed = tj_reconciler.observe(
-        ctx,
-        status,
-        problem,
-        capacity_free=limit is None or len(running) < limit.max_concurrent_training_jobs,
-        max_workers=limit.max_workers_per_job if limit is not None else 1 << 30,
-        namespace=namespace,
-        name=name,
-    )
-    plan = tj_reconciler.decide(spec, status, observed, generation)
-    if ctx is not None:
-        tj_reconciler.execute(ctx, plan)
-    # Rank 0 owns the live fields (it patches them itself); never overwrite them with what we read earlier.
-    kube.patch_status(
-        f"{GROUP}/{VERSION}",
-        "TrainingJob",
-        namespace,
-        name,
-        plan.status.model_dump(by_alias=True, exclude_none=True, mode="json", exclude=POD_OWNED_STATUS),
-    )
-    for event_type, reason, message in plan.events:
-        (kopf.warn if event_type == "Warning" else kopf.info)(cast(kopf.Body, body), reason=reason, message=message)
-    if plan.requeue_after is not None:
-        raise kopf.TemporaryError(f"{plan.status.reason}: {plan.status.message}", delay=plan.requeue_after)
-    if plan.status.reason == "WaitingForCapacity":
-        raise kopf.TemporaryError("waiting for capacity", delay=30)
+def _decided_status(obj: Manifest) -> Manifest:
+    return {k: v for k, v in (obj.get("status") or {}).items() if k not in POD_OWNED_STATUS}
 
 
-@kopf.on.create(GROUP, VERSION, "trainingjobs")
-@kopf.on.update(GROUP, VERSION, "trainingjobs", field="spec")
-@kopf.on.resume(GROUP, VERSION, "trainingjobs")
-@instrumented("TrainingJob")
-def reconcile_trainingjob(body: kopf.Body, **kwargs: Any) -> None:
-    run_trainingjob(dict(body), kwargs.get("active_jobs_by_cluster"))
-
-
-def _ttl_pending(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    run_policy = dict(spec).get("runPolicy") or {}
-    return run_policy.get("ttlSecondsAfterFinished") is not None and dict(status).get("phase") in (
-        tj_reconciler.FINISHED
-    )
-
-
-# Only finished jobs with a TTL have this timer: it deletes them when their time is up.
-@kopf.timer(GROUP, VERSION, "trainingjobs", interval=15, when=_ttl_pending)
-def expire_trainingjob(body: kopf.Body, **kwargs: Any) -> None:
-    with contextlib.suppress(kopf.TemporaryError):
-        run_trainingjob(dict(body), kwargs.get("active_jobs_by_cluster"))
-
-
-@kopf.on.event(
-    "batch", "v1", "jobs", labels={"app.kubernetes.io/part-of": "flownexus", "flownexus.io/trainingjob": kopf.PRESENT}
-)
-@instrumented("TrainingJob")
-def on_training_child_job(labels: kopf.Labels, namespace: str | None, type: str | None, **kwargs: Any) -> None:
-    """A worker or validator Job changed: re-run its TrainingJob's pass (event-driven, no polling)."""
-    if namespace is None:
+def _observe(event: kopf.RawEvent) -> None:
+    rt = RUNTIME
+    if rt is None:
         return
-    tj = kube.get(f"{GROUP}/{VERSION}", "TrainingJob", namespace, labels["flownexus.io/trainingjob"])
-    if tj is None or ((tj.get("status") or {}).get("phase") in tj_reconciler.FINISHED and type != "DELETED"):
+    obj: Manifest = dict(event["object"])
+    kind, meta = obj.get("kind", ""), obj.get("metadata") or {}
+    namespace, name = meta.get("namespace", ""), meta.get("name", "")
+    if not namespace or not _in_scope(namespace):
         return
-    with contextlib.suppress(kopf.TemporaryError):  # the TrainingJob's own handler owns retries
-        run_trainingjob(tj, kwargs.get("active_jobs_by_cluster"))
+    old = rt.cache.get(kind, namespace, name)
+    if event.get("type") == "DELETED":
+        rt.cache.remove(kind, namespace, name)
+    else:
+        if _unchanged(old, obj):
+            return
+        rt.cache.upsert(obj)
+    deleted = event.get("type") == "DELETED"
+    enqueue = rt.controller.enqueue
+    if kind == "TrainingJob":
+        if deleted or not _only_progress(old, obj):
+            enqueue(kind, namespace, name)
+        was_active = old is not None and uses_capacity(old)
+        now_active = not deleted and uses_capacity(obj)
+        phase = (obj.get("status") or {}).get("phase")
+        old_phase = ((old or {}).get("status") or {}).get("phase")
+        cluster = cluster_of(obj)
+        if was_active != now_active or deleted or old is None:
+            enqueue("NeuralCluster", namespace, cluster)
+        if deleted or (was_active and not now_active) or (phase in FINISHED and old_phase not in FINISHED):
+            for waiting in rt.admission.waiting_jobs(namespace, cluster):  # a slot may be free
+                enqueue(kind, namespace, waiting)
+        if phase != old_phase or deleted:
+            for md in rt.cache.list("ModelDeployment", namespace):
+                ref = ((md.get("spec") or {}).get("model") or {}).get("trainingJobRef") or {}
+                if ref.get("name") == name:
+                    enqueue("ModelDeployment", namespace, md["metadata"]["name"])
+    elif kind == "NeuralCluster":
+        enqueue(kind, namespace, name)
+        if old is None or deleted or old.get("spec") != obj.get("spec") or old.get("status") != obj.get("status"):
+            for other in ("TrainingJob", "ModelDeployment"):
+                for o in rt.cache.list(other, namespace, where=lambda o: cluster_of(o) == name):
+                    enqueue(other, namespace, o["metadata"]["name"])
+    elif kind == "ModelDeployment":
+        enqueue(kind, namespace, name)
+        if old is None or deleted:
+            enqueue("NeuralCluster", namespace, cluster_of(obj))
+    else:
+        owner = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+        if owner is not None and owner.get("kind") in PRIMARY and controller_uid(obj):
+            enqueue(owner["kind"], namespace, owner["name"])
 
 
-# ModelDeployment registrations live in their own module; importing it registers them with Kopf.
-from . import handlers_modeldeployment as _modeldeployment  # noqa: E402,F401
+def _register() -> None:
+    for kind in (*PRIMARY, *CHILDREN):
+        api_version, plural = PLURALS[kind]
+        group, _, version = api_version.rpartition("/")
+        labels = None if kind in (*PRIMARY, "PersistentVolumeClaim") else PART_OF
+
+        async def on_event(event: kopf.RawEvent, _kind: str = kind, _api: str = api_version, **_: Any) -> None:
+            obj = dict(event["object"])
+            obj.setdefault("kind", _kind)
+            obj.setdefault("apiVersion", _api)
+            _observe({"type": event.get("type"), "object": obj})  # type: ignore[typeddict-item]
+
+        register = kopf.on.event(group, version, plural, labels=labels, id=f"watch-{kind.lower()}")
+        register(on_event)
+
+
+_register()

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flownexus.builders.modeldeployment import canary_replicas
+from flownexus.modeldeployment.children import canary_replicas
 from tests.e2e.conftest import REPO, Cluster, _free_port, build_image, wait_until
 from tests.e2e.test_trainingjob import artifact_dir, example
 from tests.integration.trainer.procs import run_torchrun, run_validator, write_job_config

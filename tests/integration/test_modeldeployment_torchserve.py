@@ -23,7 +23,7 @@ import torch
 
 from flownexus.api.modeldeployment import ModelDeploymentSpec
 from flownexus.api.neuralcluster import NeuralClusterSpec
-from flownexus.builders.modeldeployment import (
+from flownexus.modeldeployment.children import (
     INFERENCE_PORT,
     MANAGEMENT_PORT,
     METRICS_PORT,

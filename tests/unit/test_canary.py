@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from flownexus.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
-from flownexus.canary import (
+from flownexus.modeldeployment.decide import (
     DeploymentView,
     Measurement,
     Observed,
@@ -23,8 +23,8 @@ from flownexus.canary import (
     now_str,
     wants_tick,
 )
+from flownexus.modeldeployment.reconciler import status_wire
 from flownexus.prometheus import NoData
-from flownexus.reconcilers.modeldeployment import status_patch
 from tests.factories import model_deployment
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -411,8 +411,8 @@ def test_a_good_canary_is_promoted_after_every_step() -> None:
 
 
 def _through_the_wire(st: ModelDeploymentStatus) -> ModelDeploymentStatus:
-    """What a restarted operator reads back: the status as written (merge patch) and parsed again."""
-    return ModelDeploymentStatus.model_validate(status_patch(st))
+    """What a restarted operator reads back: the status as written (replaced) and parsed again."""
+    return ModelDeploymentStatus.model_validate(status_wire(st))
 
 
 def _phases() -> list[tuple[str, ModelDeploymentSpec, ModelDeploymentStatus, Observed]]:
@@ -445,7 +445,7 @@ def test_restart_in_every_phase_takes_the_same_decision(case: tuple[str, Any, Mo
     _, sp, st, observed = case
     before = decide(sp, st, observed, 2)
     after = decide(sp, _through_the_wire(st), observed, 2)
-    assert status_patch(after.status) == status_patch(before.status)
+    assert status_wire(after.status) == status_wire(before.status)
     assert (after.route, after.canary_action, after.events, after.decisions) == (
         before.route,
         before.canary_action,

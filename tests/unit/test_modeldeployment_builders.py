@@ -20,7 +20,7 @@ import pytest
 
 from flownexus.api.modeldeployment import ModelDeploymentSpec
 from flownexus.api.neuralcluster import NeuralClusterSpec
-from flownexus.builders.modeldeployment import (
+from flownexus.modeldeployment.children import (
     INFERENCE_PORT,
     METRICS_PORT,
     ServedModel,

@@ -9,7 +9,7 @@ import pytest
 
 from flownexus.api.neuralcluster import NeuralClusterSpec
 from flownexus.api.trainingjob import TrainingJobSpec
-from flownexus.builders.trainingjob import (
+from flownexus.trainingjob.children import (
     TrainingContext,
     build_config_map,
     build_service,

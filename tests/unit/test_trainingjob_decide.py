@@ -9,16 +9,17 @@ from typing import Any
 import pytest
 
 from flownexus.api.trainingjob import TrainingJobSpec, TrainingJobStatus
-from flownexus.reconcilers.trainingjob import JobState, Observed, decide, job_state
+from flownexus.trainingjob.decide import JobState, Observed, decide, job_state
 from tests.factories import training_job
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 OK = Observed(
     cluster_ready=True,
     cluster_problem="",
-    capacity_free=True,
+    queue_position=None,
     max_workers=8,
     worker_job=JobState.MISSING,
+    previous_attempt_present=False,
     worker_failure="",
     validator_job=JobState.MISSING,
     verdict=None,
@@ -49,7 +50,7 @@ def test_new_job_creates_attempt_one() -> None:
     ("observed", "reason"),
     [
         (replace(OK, cluster_ready=False, cluster_problem="NeuralCluster demo does not exist"), "ClusterNotReady"),
-        (replace(OK, capacity_free=False), "WaitingForCapacity"),
+        (replace(OK, queue_position=2), "WaitingForCapacity"),
         (replace(OK, max_workers=1), "TooManyWorkers"),
     ],
 )
@@ -72,9 +73,46 @@ def test_running_attempt() -> None:
 def test_worker_failure_restarts_the_whole_gang_as_a_new_attempt() -> None:
     obs = replace(OK, worker_job=JobState.FAILED, worker_failure="BackoffLimitExceeded")
     plan = decide(spec(**{"spec.runPolicy.maxRestarts": 2}), status(attempt=1, phase="Running"), obs, 1)
-    assert plan.create_attempt == 2 and plan.status.attempt == 2
+    assert plan.status.attempt == 2 and plan.delete_attempt == 1
+    assert plan.create_attempt is None  # not while the old gang's pods may still run
     assert plan.status.phase == "Restarting" and cond(plan.status, "Restarting") == "True"
     assert "resumes from the latest checkpoint" in (plan.status.message or "")
+
+
+def test_the_next_attempt_waits_until_the_previous_jobs_pods_are_gone() -> None:
+    restarting = status(attempt=2, phase="Restarting", reason="WorkerFailed")
+    waiting = decide(spec(), restarting, replace(OK, previous_attempt_present=True), 1)
+    assert waiting.create_attempt is None and waiting.delete_attempt == 1
+    assert waiting.status.phase == "Restarting" and "once the pods of attempt 1 are gone" in (
+        waiting.status.message or ""
+    )
+    gone = decide(spec(), restarting, OK, 1)
+    assert gone.create_attempt == 2
+
+
+def test_the_queue_position_is_in_status_while_waiting_and_cleared_on_admission() -> None:
+    waiting = decide(spec(), status(), replace(OK, queue_position=3), 1)
+    assert waiting.status.queue_position == 3 and "number 3 in the queue" in (waiting.status.message or "")
+    admitted = decide(spec(), waiting.status, OK, 1)
+    assert admitted.status.queue_position is None and admitted.create_attempt == 1
+
+
+@pytest.mark.parametrize(
+    "observed",
+    [
+        replace(OK, cluster_ready=False, cluster_problem="NeuralCluster demo is not Ready yet"),
+        replace(OK, max_workers=1),
+    ],
+)
+def test_admission_checks_do_not_pin_a_running_job(observed: Observed) -> None:
+    plan = decide(spec(), status(attempt=1, phase="Running"), replace(observed, worker_job=JobState.RUNNING), 1)
+    assert plan.status.phase == "Running"
+
+
+def test_a_validator_that_finished_without_a_verdict_fails_the_gate() -> None:
+    obs = replace(OK, worker_job=JobState.SUCCEEDED, validator_job=JobState.SUCCEEDED, verdict=None)
+    plan = decide(spec(), status(attempt=1, phase="Validating"), obs, 1)
+    assert plan.status.phase == "Failed" and plan.status.reason == "ValidatorError"
 
 
 def test_restart_limit_fails_with_the_reason() -> None:

@@ -372,6 +372,10 @@ class TrainingJobStatus(StatusModel):
     reason: str | None = Field(default=None, description="Why the job is in this phase.")
     message: str | None = Field(default=None, description="Details for people.")
     attempt: int = Field(default=0, description="Current attempt (1 = first run).")
+    queue_position: int | None = Field(
+        default=None,
+        description="While waiting for capacity: the job's place in its NeuralCluster's queue (1 = next).",
+    )
     progress: EpochMetrics | None = Field(
         default=None, description="Live metrics of the latest epoch, patched by rank 0 of the training pods."
     )

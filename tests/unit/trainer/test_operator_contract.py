@@ -10,7 +10,7 @@ import pytest
 
 from flownexus.api.neuralcluster import NeuralClusterSpec
 from flownexus.api.trainingjob import TrainingJobSpec, TrainingJobStatus
-from flownexus.builders.trainingjob import TrainingContext, trainer_config
+from flownexus.trainingjob.children import TrainingContext, trainer_config
 from flownexus_trainer.config import JobConfig
 from flownexus_trainer.progress import CheckpointRef, EpochMetrics, Progress
 from tests.factories import neural_cluster, training_job

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
-from .api.modeldeployment import (
+from ..api.modeldeployment import (
     AnalysisResult,
     CanaryState,
     HistoryEntry,
@@ -21,9 +21,9 @@ from .api.modeldeployment import (
     ModelDeploymentStatus,
     ServedVersion,
 )
-from .builders.common import set_condition
-from .builders.modeldeployment import achieved_weight, canary_replicas, max_replicas
-from .prometheus import NoData, QueryResult
+from ..meta import set_condition
+from ..prometheus import NoData, QueryResult
+from .children import achieved_weight, canary_replicas, max_replicas
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 HISTORY_LIMIT = 50  # entries kept in status.history

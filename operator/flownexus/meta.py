@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ..api.common import Condition
+from .api.common import Condition
 
 Manifest = dict[str, Any]
 PART_OF = "flownexus"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..api.neuralcluster import NeuralClusterSpec
-from .common import Manifest, child_metadata
+from ..meta import Manifest, child_metadata
 
 
 def artifact_claim_name(cluster_name: str, spec: NeuralClusterSpec) -> str:

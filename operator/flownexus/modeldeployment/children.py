@@ -19,7 +19,7 @@ from typing import Literal
 
 from ..api.modeldeployment import ModelDeploymentSpec
 from ..api.neuralcluster import NeuralClusterSpec
-from .common import Manifest, OwnedContext, child_metadata
+from ..meta import Manifest, OwnedContext, child_metadata
 
 Track = Literal["stable", "canary"]
 

@@ -13,7 +13,7 @@ from typing import Any
 from .. import API_VERSION
 from ..api.neuralcluster import NeuralClusterSpec
 from ..api.trainingjob import TrainingJobSpec
-from .common import Manifest, OwnedContext, child_metadata
+from ..meta import Manifest, OwnedContext, child_metadata
 
 MASTER_PORT = 29500
 CONFIG_DIR = "/etc/flownexus"

@@ -1,33 +1,17 @@
-"""Reconcile a TrainingJob: a pure decision (observed world in, plan out) and a small executor.
-
-The decision is a function of the spec, the last status and what the children look like now, so it
-is table-tested without a cluster and a restarted operator picks up exactly where it was.
+"""The TrainingJob life cycle as a pure decision: spec, last status and what the children look like in,
+a plan out. Table-tested without a cluster; a restarted operator takes the same decision from the same status.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
-from .. import API_VERSION, kube
 from ..api.trainingjob import Artifacts, TrainingJobSpec, TrainingJobStatus, ValidationResult
-from ..builders.common import Manifest, now, set_condition
-from ..builders.trainingjob import (
-    TrainingContext,
-    build_config_map,
-    build_service,
-    build_trainer_rbac,
-    build_validator_job,
-    build_worker_job,
-    validator_job_name,
-    worker_job_name,
-)
+from ..meta import Manifest, now, set_condition
 
-log = logging.getLogger(__name__)
 FINISHED = {"Succeeded", "Failed"}
 
 
@@ -65,15 +49,48 @@ def job_failure_reason(job: Manifest | None) -> str:
     return "a worker failed"
 
 
+# ---- reading TrainingJobs as stored (for admission and the NeuralCluster's counts) -------------------
+
+
+def _attempt(tj: Manifest) -> int:
+    return int((tj.get("status") or {}).get("attempt") or 0)
+
+
+def _stored_phase(tj: Manifest) -> str:
+    return str((tj.get("status") or {}).get("phase") or "")
+
+
+def cluster_of(tj: Manifest) -> str:
+    return str(((tj.get("spec") or {}).get("clusterRef") or {}).get("name") or "")
+
+
+def uses_capacity(tj: Manifest) -> bool:
+    """Admitted and not finished: an attempt exists (running, restarting, validating)."""
+    return _attempt(tj) >= 1 and _stored_phase(tj) not in FINISHED
+
+
+def is_waiting(tj: Manifest) -> bool:
+    spec = tj.get("spec") or {}
+    suspended = bool((spec.get("runPolicy") or {}).get("suspend"))
+    return (
+        _attempt(tj) == 0
+        and _stored_phase(tj) not in FINISHED
+        and not suspended
+        and not tj["metadata"].get("deletionTimestamp")
+    )
+
+
 @dataclass(frozen=True)
 class Observed:
     """What the reconciler saw this pass."""
 
     cluster_ready: bool
     cluster_problem: str
-    capacity_free: bool  # below the NeuralCluster's concurrent-job limit (or already running)
+    # None: admitted (a slot of limits.maxConcurrentTrainingJobs is ours); n: n-th in the cluster's queue.
+    queue_position: int | None
     max_workers: int
     worker_job: JobState
+    previous_attempt_present: bool  # the Job of attempt - 1 still exists (its pods may still run)
     worker_failure: str
     validator_job: JobState
     verdict: dict[str, Any] | None  # the validator's termination message, once it has finished
@@ -124,41 +141,11 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
     if st.phase in FINISHED:
         return _after_finish(spec, plan, obs)
 
-    if not obs.cluster_ready:
-        _phase(plan, "Pending", "ClusterNotReady", obs.cluster_problem, generation)
-        plan.requeue_after = 15
-        return plan
-    if spec.distributed.workers > obs.max_workers:
-        _phase(
-            plan,
-            "Pending",
-            "TooManyWorkers",
-            f"spec.distributed.workers: {spec.distributed.workers} exceeds the NeuralCluster's "
-            f"limits.maxWorkersPerJob ({obs.max_workers})",
-            generation,
-        )
-        return plan
-
     attempt = st.attempt or 0
     if attempt == 0:
-        if spec.run_policy.suspend:
-            _phase(plan, "Suspended", "Suspended", "spec.runPolicy.suspend is true; nothing started", generation)
-            return plan
-        if not obs.capacity_free:
-            _phase(
-                plan,
-                "Pending",
-                "WaitingForCapacity",
-                "the NeuralCluster's limits.maxConcurrentTrainingJobs is reached; waiting",
-                generation,
-            )
-            return plan
-        st.attempt = 1
-        st.start_time = st.start_time or now()
-        st.conditions = set_condition(st.conditions, "Created", True, "Created", "attempt 1 created", generation)
-        plan.create_attempt = 1
-        _phase(plan, "Created", "Created", "attempt 1 of the worker gang created", generation)
-        return plan
+        return _admit(spec, plan, obs, generation)
+    # Admission checks (cluster ready, workers within limits) are over once an attempt exists: a running
+    # job is never pinned by a later change of its NeuralCluster.
 
     deadline = spec.run_policy.active_deadline_seconds
     started = _parse_time(st.start_time)
@@ -173,7 +160,23 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
         return _validation_step(plan, obs, generation)
 
     if obs.worker_job is JobState.MISSING:
-        plan.create_attempt = attempt  # deleted behind our back, or the create did not land: converge
+        if obs.previous_attempt_present:
+            # Like JobSet: the next gang starts only once the old one is gone, so two rank 0s never share
+            # the run directory.
+            plan.delete_attempt = attempt - 1
+            _phase(
+                plan,
+                "Restarting",
+                st.reason or "WorkerFailed",
+                f"attempt {attempt} starts once the pods of attempt {attempt - 1} are gone",
+                generation,
+            )
+            return plan
+        if not obs.cluster_ready:
+            _phase(plan, st.phase or "Created", "ClusterNotReady", obs.cluster_problem, generation)
+            plan.requeue_after = 15
+            return plan
+        plan.create_attempt = attempt  # a new attempt, deleted behind our back, or the create did not land
         return plan
     if spec.run_policy.suspend:
         if obs.worker_job is not JobState.SUSPENDED:
@@ -203,7 +206,7 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
                 generation,
             )
         st.attempt = attempt + 1
-        plan.create_attempt = attempt + 1
+        plan.delete_attempt = attempt  # foreground: the Job goes only after its pods; then attempt + 1 starts
         st.conditions = set_condition(
             st.conditions,
             "Restarting",
@@ -217,7 +220,7 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
             "Restarting",
             "WorkerFailed",
             f"attempt {attempt} failed ({obs.worker_failure}); attempt {attempt + 1} resumes from the latest "
-            "checkpoint",
+            "checkpoint once its pods are gone",
             generation,
         )
         return plan
@@ -229,6 +232,47 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
         return plan
     st.conditions = set_condition(st.conditions, "Restarting", False, "Running", "", generation)
     _phase(plan, "Running", "Training", f"attempt {attempt} is training", generation)
+    return plan
+
+
+def _admit(spec: TrainingJobSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
+    """Before the first attempt: suspended, cluster not ready, too many workers, or waiting in the queue."""
+    st = plan.status
+    if spec.run_policy.suspend:
+        _phase(plan, "Suspended", "Suspended", "spec.runPolicy.suspend is true; nothing started", generation)
+        return plan
+    if not obs.cluster_ready:
+        _phase(plan, "Pending", "ClusterNotReady", obs.cluster_problem, generation)
+        plan.requeue_after = 15
+        return plan
+    if spec.distributed.workers > obs.max_workers:
+        _phase(
+            plan,
+            "Pending",
+            "TooManyWorkers",
+            f"spec.distributed.workers: {spec.distributed.workers} exceeds the NeuralCluster's "
+            f"limits.maxWorkersPerJob ({obs.max_workers})",
+            generation,
+        )
+        return plan
+    if obs.queue_position is not None:
+        st.queue_position = obs.queue_position
+        _phase(
+            plan,
+            "Pending",
+            "WaitingForCapacity",
+            f"number {obs.queue_position} in the queue: the NeuralCluster's limits.maxConcurrentTrainingJobs "
+            "is reached",
+            generation,
+        )
+        plan.requeue_after = 60
+        return plan
+    st.queue_position = None
+    st.attempt = 1
+    st.start_time = st.start_time or now()
+    st.conditions = set_condition(st.conditions, "Created", True, "Created", "attempt 1 created", generation)
+    plan.create_attempt = 1
+    _phase(plan, "Created", "Created", "attempt 1 of the worker gang created", generation)
     return plan
 
 
@@ -245,6 +289,8 @@ def _validation_step(plan: Plan, obs: Observed, generation: int | None) -> Plan:
     if obs.validator_job not in (JobState.SUCCEEDED, JobState.FAILED):
         _phase(plan, "Validating", "Validating", "the validator Job measures the model", generation)
         return plan
+    if obs.verdict is None and obs.validator_job is JobState.SUCCEEDED:
+        return _fail(plan, "ValidatorError", "the validator finished without writing a verdict", generation)
     verdict = obs.verdict or {}
     if obs.validator_job is JobState.FAILED or "error" in verdict:
         return _fail(
@@ -297,83 +343,3 @@ def _after_finish(spec: TrainingJobSpec, plan: Plan, obs: Observed) -> Plan:
         else:
             plan.requeue_after = left
     return plan
-
-
-# ---- executor: the only part that does I/O ---------------------------------------------------------
-
-
-def _termination_message(namespace: str, job_name: str) -> dict[str, Any] | None:
-    pods = kube.list_objects("v1", "Pod", namespace, label_selector=f"job-name={job_name}")
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            terminated = (cs.get("state") or {}).get("terminated")
-            if terminated and terminated.get("message"):
-                try:
-                    parsed: dict[str, Any] = json.loads(terminated["message"])
-                    return parsed
-                except json.JSONDecodeError:
-                    return {"error": terminated["message"][-500:]}
-    return None
-
-
-def observe(
-    ctx: TrainingContext | None,
-    status: TrainingJobStatus,
-    cluster_problem: str,
-    capacity_free: bool,
-    max_workers: int,
-    namespace: str,
-    name: str,
-) -> Observed:
-    attempt = status.attempt or 0
-    worker = kube.get("batch/v1", "Job", namespace, worker_job_name(name, attempt)) if attempt else None
-    validator = kube.get("batch/v1", "Job", namespace, validator_job_name(name)) if attempt else None
-    v_state = job_state(validator)
-    verdict = (
-        _termination_message(namespace, validator_job_name(name))
-        if v_state in (JobState.SUCCEEDED, JobState.FAILED)
-        else None
-    )
-    return Observed(
-        cluster_ready=ctx is not None,
-        cluster_problem=cluster_problem,
-        capacity_free=capacity_free,
-        max_workers=max_workers,
-        worker_job=job_state(worker),
-        worker_failure=job_failure_reason(worker),
-        validator_job=v_state,
-        verdict=verdict,
-        now=datetime.now(UTC),
-    )
-
-
-def execute(ctx: TrainingContext, plan: Plan) -> None:
-    """Make the children match the plan; every write is idempotent."""
-    ns, name = ctx.namespace, ctx.name
-    if plan.create_attempt is not None or plan.create_validator:
-        for manifest in [*build_trainer_rbac(ctx), build_config_map(ctx), build_service(ctx)]:
-            kube.ensure(manifest, patch_existing=False)
-    if plan.delete_attempt is not None:
-        kube.delete("batch/v1", "Job", ns, worker_job_name(name, plan.delete_attempt))
-    if plan.delete_validator:
-        kube.delete("batch/v1", "Job", ns, validator_job_name(name))
-    if plan.create_attempt is not None:
-        deadline = ctx.spec.run_policy.active_deadline_seconds
-        started = _parse_time(plan.status.start_time)
-        remaining = None
-        if deadline and started:
-            remaining = int(deadline - (datetime.now(UTC) - started).total_seconds())
-        kube.ensure(build_worker_job(ctx, plan.create_attempt, remaining), patch_existing=False)
-    if plan.suspend_attempt is not None:
-        kube.ensure(
-            {
-                "apiVersion": "batch/v1",
-                "kind": "Job",
-                "metadata": {"name": worker_job_name(name, plan.status.attempt), "namespace": ns},
-                "spec": {"suspend": plan.suspend_attempt},
-            }
-        )
-    if plan.create_validator:
-        kube.ensure(build_validator_job(ctx), patch_existing=False)
-    if plan.delete_self:
-        kube.delete(API_VERSION, "TrainingJob", ns, name)

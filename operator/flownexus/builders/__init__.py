@@ -1,1 +1,0 @@
-"""Pure builders: spec in, Kubernetes manifests out. No I/O, table-tested."""

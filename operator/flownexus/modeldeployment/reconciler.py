@@ -1,0 +1,301 @@
+"""One ModelDeployment pass: observe (children and the TrainingJob from the cache, Prometheus when an
+analysis is due), decide (:mod:`.decide`), and turn the plan into actions.
+
+The shared loop records the status first, then applies the actions in a fixed order that is also the
+rollback runbook: stable Deployment, canary Deployment, Service routing (all traffic to stable), Events,
+canary to zero. A crash anywhere leaves a status from which the next pass converges the children.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Literal
+
+from pydantic import ValidationError
+
+from ..api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
+from ..api.trainingjob import TrainingJobStatus
+from ..meta import Manifest
+from ..metrics import CANARY_DECISIONS
+from ..neuralcluster.reconciler import cluster_view
+from ..prometheus import (
+    CanarySelector,
+    HttpPrometheus,
+    MetricsProvider,
+    NoData,
+    PrometheusError,
+    QueryResult,
+    error_rate_query,
+    latency_p99_ms_query,
+)
+from ..runtime.cache import Cache, controller_uid
+from ..runtime.controller import Action, Apply, Delete, Emit, Outcome, Patch, parse_spec
+from .children import (
+    ARTIFACT_ROOT,
+    VERSION_LABEL,
+    ServedModel,
+    ServingContext,
+    build_config_map,
+    build_deployment,
+    build_hpa,
+    build_network_policy,
+    build_pdb,
+    build_service,
+    config_hash,
+    deployment_name,
+    endpoint,
+    pod_prefix,
+)
+from .decide import (
+    DeploymentView,
+    Measurement,
+    Observed,
+    Plan,
+    Source,
+    analysis_due,
+    decide,
+    seconds_to_next_analysis,
+    wants_tick,
+)
+
+log = logging.getLogger(__name__)
+KIND = "ModelDeployment"
+RESYNC_S = 60.0  # while waiting for something no watch reports (a model that is not servable yet)
+
+
+# ---- observing (pure parts first) --------------------------------------------------------------------
+
+
+def deployment_view(dep: Manifest | None) -> DeploymentView | None:
+    """What the decision needs to know about one of our Deployments."""
+    if dep is None:
+        return None
+    spec, status = dep.get("spec") or {}, dep.get("status") or {}
+    replicas = int(spec.get("replicas", 1))
+    ready = int(status.get("readyReplicas") or 0)
+    observed = int(status.get("observedGeneration") or 0)
+    generation = int(dep["metadata"].get("generation") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    # Rolled out = every pod runs the current template (old pods go only once new ones are available, as
+    # maxUnavailable is 0). Not "every pod available": an HPA scale-up is no rollout, and an Available
+    # deployment stays Available (Ready) while its new pods load the model.
+    rolled_out = observed >= generation and updated >= replicas and total <= updated
+    failure = None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            failure = cond.get("message") or "ProgressDeadlineExceeded"
+    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    return DeploymentView(
+        replicas=replicas, ready=ready, version=labels.get(VERSION_LABEL), rolled_out=rolled_out, failure=failure
+    )
+
+
+def source_from_training_job(version: str, name: str, tj: Manifest | None) -> tuple[Source | None, str, bool]:
+    """The servable archive of a TrainingJob: only once it Succeeded with Validated=True.
+
+    Returns (source, problem, final): ``final`` means it will never be servable as the spec stands.
+    """
+    where = "spec.model.trainingJobRef"
+    if tj is None:
+        return None, f"{where}: TrainingJob {name} does not exist", False
+    try:
+        status = TrainingJobStatus.model_validate(tj.get("status") or {})
+    except ValidationError as exc:
+        return None, f"{where}: TrainingJob {name} has an unreadable status: {exc.errors()[0]['msg']}", False
+    if status.phase == "Failed":
+        return None, f"{where}: TrainingJob {name} failed ({status.reason}: {status.message})", True
+    validated = any(c.type == "Validated" and c.status == "True" for c in status.conditions)
+    if status.phase != "Succeeded" or not validated:
+        return None, f"{where}: TrainingJob {name} is not Validated yet (phase {status.phase or 'Pending'})", False
+    archive = status.artifacts.model_archive if status.artifacts else None
+    if not archive:
+        return None, f"{where}: TrainingJob {name} has no status.artifacts.modelArchive", True
+    relative = _relative_archive(archive)
+    if relative is None:
+        return None, f"{where}: TrainingJob {name}'s archive {archive} is not under {ARTIFACT_ROOT}", True
+    output = ((tj.get("spec") or {}).get("output") or {}).get("version")
+    metrics: dict[str, float] = {}
+    if status.validation is not None:
+        for key, value in status.validation.model_dump(by_alias=True).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[key] = float(value)
+    return (
+        Source(
+            version=version,
+            archive=relative,
+            training_job=name,
+            archive_version=str(output) if output else None,
+            metrics=metrics or None,
+        ),
+        "",
+        False,
+    )
+
+
+def _relative_archive(path: str) -> str | None:
+    p = PurePosixPath(path)
+    if p.is_absolute():
+        try:
+            p = p.relative_to(ARTIFACT_ROOT)
+        except ValueError:
+            return None
+    if ".." in p.parts or not p.parts:
+        return None
+    return str(p)
+
+
+def resolve_source(spec: ModelDeploymentSpec, cache: Cache, namespace: str) -> tuple[Source | None, str, bool]:
+    """What spec.model points at, if it can be served now."""
+    model = spec.model
+    if model.archive_path is not None:
+        relative = _relative_archive(model.archive_path)
+        if relative is None:
+            problem = f"spec.model.archivePath: must stay inside the artifact store, got {model.archive_path!r}"
+            return None, problem, True
+        return Source(version=model.version, archive=relative), "", False
+    assert model.training_job_ref is not None
+    name = model.training_job_ref.name
+    return source_from_training_job(model.version, name, cache.get("TrainingJob", namespace, name))
+
+
+def canary_selector(ctx: ServingContext, source: Source | None, canary_version: str) -> CanarySelector:
+    archive_version = source.archive_version if source is not None and source.version == canary_version else None
+    return CanarySelector(
+        model_name=ctx.model_name, pod_prefix=pod_prefix(ctx.name, "canary"), archive_version=archive_version
+    )
+
+
+def measure(provider: MetricsProvider | None, ctx: ServingContext, sel: CanarySelector) -> Measurement:
+    """Error rate and p99 of the canary over the window; every failure to measure is NoData with why."""
+    if provider is None:
+        missing = NoData("the NeuralCluster sets no prometheusUrl")
+        return Measurement(error_rate=missing, latency_p99_ms=missing)
+    window = ctx.spec.rollout.thresholds.window
+
+    def run(promql: str) -> QueryResult:
+        try:
+            return provider.query(promql)
+        except PrometheusError as exc:
+            return NoData(str(exc))
+
+    return Measurement(
+        error_rate=run(error_rate_query(sel, window)), latency_p99_ms=run(latency_p99_ms_query(sel, window))
+    )
+
+
+# ---- acting ------------------------------------------------------------------------------------------
+
+
+def actions(ctx: ServingContext, plan: Plan, obs: Observed) -> list[Action]:
+    """The plan as actions, in runbook order (the loop has already recorded the status)."""
+    st, name = plan.status, ctx.name
+    out: list[Action] = []
+    canary_name = deployment_name(name, "canary")
+    if st.stable is not None and st.stable.archive is not None:
+        # Nothing to scale, guard or expose before there is a model to serve.
+        config_map = build_config_map(ctx)
+        digest = config_hash(config_map)
+        out.append(Apply(config_map))
+        hpa = build_hpa(ctx)
+        out.append(
+            Apply(hpa) if hpa is not None else Delete("HorizontalPodAutoscaler", deployment_name(name, "stable"))
+        )
+        out += [Apply(build_pdb(ctx)), Apply(build_network_policy(ctx))]
+        model = ServedModel(st.stable.version, st.stable.archive, st.stable.training_job)
+        auto = ctx.spec.autoscaling
+        if auto.enabled:
+            # Never fight the HPA: replicas are set once, at creation, by another field manager.
+            stable = build_deployment(ctx, "stable", model, None, digest)
+            out.append(Apply(stable, initial={"spec": {"replicas": auto.min_replicas}}))
+        else:
+            out.append(Apply(build_deployment(ctx, "stable", model, ctx.spec.serving.replicas, digest)))
+        if plan.canary_action == "ensure" and st.canary is not None and st.canary.archive is not None:
+            canary = ServedModel(st.canary.version, st.canary.archive, st.canary.training_job)
+            out.append(Apply(build_deployment(ctx, "canary", canary, st.canary.replicas or 0, digest)))
+        out.append(Apply(build_service(ctx, plan.route == "both")))
+    out += [Emit(e.type, e.reason, e.message) for e in plan.events]
+    if plan.canary_action == "scale_to_zero" and obs.canary is not None and obs.canary.replicas:
+        out.append(Patch("Deployment", canary_name, {"spec": {"replicas": 0}}))
+    elif plan.canary_action == "delete" and obs.canary is not None:
+        out.append(Delete("Deployment", canary_name))
+    return out
+
+
+# ---- one pass ----------------------------------------------------------------------------------------
+
+
+ProviderFactory = Callable[[str], MetricsProvider]
+
+
+class ModelDeploymentReconciler:
+    kind = KIND
+    pod_owned_status: frozenset[str] = frozenset()
+
+    def __init__(self, cache: Cache, provider_factory: ProviderFactory = HttpPrometheus) -> None:
+        self.cache = cache
+        self.provider_factory = provider_factory
+
+    def _deployment(self, obj: Manifest, track: Literal["stable", "canary"]) -> DeploymentView | None:
+        dep = self.cache.get(
+            "Deployment", obj["metadata"]["namespace"], deployment_name(obj["metadata"]["name"], track)
+        )
+        if dep is None or controller_uid(dep) != obj["metadata"]["uid"]:
+            return None  # a foreign Deployment of that name is reported by the loop, never read as ours
+        return deployment_view(dep)
+
+    def reconcile(self, obj: Manifest, now: datetime | None = None) -> Outcome:
+        spec: ModelDeploymentSpec = parse_spec(ModelDeploymentSpec, obj)
+        meta = obj["metadata"]
+        ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+        status = ModelDeploymentStatus.model_validate(obj.get("status") or {})
+        now = now or datetime.now(UTC)
+        cluster = cluster_view(self.cache, ns, spec.cluster_ref.name)
+        ctx = (
+            ServingContext(owner=obj, spec=spec, cluster=cluster.spec, artifact_claim=cluster.claim)
+            if cluster.ready and cluster.spec is not None and cluster.claim is not None
+            else None
+        )
+        source, source_problem, final = resolve_source(spec, self.cache, ns)
+        measurement = None
+        if ctx is not None and status.canary is not None and analysis_due(spec, status, now):
+            url = ctx.cluster.prometheus_url
+            provider = self.provider_factory(url) if url else None
+            measurement = measure(provider, ctx, canary_selector(ctx, source, status.canary.version))
+        observed = Observed(
+            now=now,
+            cluster_problem=cluster.problem,
+            source=source,
+            source_problem=source_problem,
+            source_final=final,
+            stable=self._deployment(obj, "stable"),
+            canary=self._deployment(obj, "canary"),
+            measurement=measurement,
+        )
+        plan = decide(spec, status, observed, generation)
+        if ctx is not None and plan.status.stable is not None:
+            plan.status.endpoint = endpoint(ctx)
+        if (status.phase, status.reason) != (plan.status.phase, plan.status.reason):
+            log.info("%s/%s: %s -> %s (%s)", ns, name, status.phase, plan.status.phase, plan.status.message)
+        for decision in plan.decisions:
+            CANARY_DECISIONS.labels(decision).inc()
+        todo: list[Action] = [Emit(e.type, e.reason, e.message) for e in plan.events]
+        if ctx is not None:
+            todo = actions(ctx, plan, observed)
+        return Outcome(status=status_wire(plan.status), actions=todo, requeue_after=next_look(spec, plan, now))
+
+
+def next_look(spec: ModelDeploymentSpec, plan: Plan, now: datetime) -> float | None:
+    """When to look again without a watch event: the next analysis slot, or a slow resync while waiting."""
+    left = seconds_to_next_analysis(spec, plan.status, now)
+    if left is not None:
+        return max(1.0, left)
+    return RESYNC_S if wants_tick(spec, plan.status) else None
+
+
+def status_wire(status: ModelDeploymentStatus) -> Manifest:
+    wire: Manifest = status.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return wire

@@ -1,1 +1,0 @@
-"""Reconcilers: read the world through ``kube``, decide with builders, return the status to write."""

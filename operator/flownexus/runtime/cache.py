@@ -1,0 +1,87 @@
+"""A watch-fed store of the objects the operator reads: its own kinds and every child it owns.
+
+Passes read children from here instead of a GET per child per pass. The store is filled by a LIST at
+start (so a pass never mistakes a not-yet-seen child for a missing one) and then by watch events, and
+the client writes through it after every apply so that the next pass sees its own writes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from .client import Manifest
+
+Key = tuple[str, str, str]  # kind, namespace, name
+
+
+def key_of(obj: Manifest) -> Key:
+    meta = obj["metadata"]
+    return obj["kind"], meta.get("namespace") or "", meta["name"]
+
+
+def _rv(obj: Manifest) -> int:
+    # resourceVersions are opaque to clients, but they are etcd revisions: the ordering only breaks
+    # ties between a write-through and a late watch event of an older version.
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def controller_uid(obj: Manifest) -> str | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
+def controller_name(obj: Manifest) -> str:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((f"{r['kind']} {r['name']}" for r in refs if r.get("controller")), "no controller")
+
+
+class Cache:
+    """Objects by (kind, namespace, name); thread-safe; never hands out its own dicts to mutate."""
+
+    def __init__(self) -> None:
+        self._objects: dict[Key, Manifest] = {}
+        self._lock = threading.Lock()
+        self._synced: set[str] = set()
+
+    def upsert(self, obj: Manifest) -> bool:
+        """Store ``obj`` unless a newer version is already there; True when it changed the store."""
+        key = key_of(obj)
+        with self._lock:
+            current = self._objects.get(key)
+            if current is not None and _rv(current) > _rv(obj):
+                return False
+            self._objects[key] = obj
+            return True
+
+    def remove(self, kind: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._objects.pop((kind, namespace, name), None)
+
+    def replace_kind(self, kind: str, objects: Iterable[Manifest]) -> None:
+        """The result of a LIST: the kind's whole content (objects gone meanwhile disappear)."""
+        fresh = {key_of(o): o for o in objects}
+        with self._lock:
+            for key in [k for k in self._objects if k[0] == kind and k not in fresh]:
+                del self._objects[key]
+            self._objects.update(fresh)
+            self._synced.add(kind)
+
+    def synced(self, kind: str) -> bool:
+        return kind in self._synced
+
+    def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        with self._lock:
+            return self._objects.get((kind, namespace, name))
+
+    def list(
+        self, kind: str, namespace: str | None = None, where: Callable[[Manifest], bool] | None = None
+    ) -> list[Manifest]:
+        with self._lock:
+            objs = [
+                o for (k, ns, _), o in self._objects.items() if k == kind and (namespace is None or ns == namespace)
+            ]
+        return [o for o in objs if where is None or where(o)]

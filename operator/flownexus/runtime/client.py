@@ -1,0 +1,261 @@
+"""The one place that talks to the Kubernetes API server.
+
+Writes are server-side apply with one field manager (one request per child, no create/409/patch dance),
+deletes carry a uid precondition (we delete only the object we saw), and status is replaced with a
+resourceVersion precondition, so a pass that read a stale object gets :class:`Conflict` instead of
+overwriting a newer status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from prometheus_client import Counter
+
+from .. import __version__
+
+log = logging.getLogger(__name__)
+Manifest = dict[str, Any]
+FIELD_MANAGER = "flownexus-operator"
+USER_AGENT = f"flownexus-operator/{__version__}"
+TIMEOUT_S = 30.0
+RETRIES = 3
+
+API_REQUESTS = Counter(
+    "flownexus_api_requests_total", "Requests the operator sent to the API server, by verb and kind.", ["verb", "kind"]
+)
+
+# Every kind the operator reads or writes, with its plural (no discovery round trips at start).
+PLURALS: dict[str, tuple[str, str]] = {
+    "Service": ("v1", "services"),
+    "ConfigMap": ("v1", "configmaps"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
+    "Pod": ("v1", "pods"),
+    "Event": ("v1", "events"),
+    "Job": ("batch/v1", "jobs"),
+    "Deployment": ("apps/v1", "deployments"),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "NeuralCluster": ("flownexus.io/v1alpha1", "neuralclusters"),
+    "TrainingJob": ("flownexus.io/v1alpha1", "trainingjobs"),
+    "ModelDeployment": ("flownexus.io/v1alpha1", "modeldeployments"),
+}
+
+
+class ApiError(RuntimeError):
+    """The API server refused a request; ``status`` is the HTTP code, the message is the server's."""
+
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class Conflict(ApiError):
+    """409: the object changed since it was read (or already exists). Re-read and decide again."""
+
+
+class NotFound(ApiError):
+    """404."""
+
+
+def path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+    api_version, plural = PLURALS[kind]
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    parts = [base]
+    if namespace:
+        parts.append(f"namespaces/{quote(namespace)}")
+    parts.append(plural)
+    if name:
+        parts.append(quote(name))
+    if subresource:
+        parts.append(subresource)
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One object: kind, namespace, name (and uid when it is known)."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str | None = None
+
+
+class Client:
+    """A thin, typed wrapper over the kubernetes package's REST client (it handles TLS, tokens, proxies)."""
+
+    def __init__(self, api_client: Any) -> None:
+        self._api = api_client
+        self._api.user_agent = USER_AGENT
+
+    @classmethod
+    def from_environment(cls) -> Client:
+        """The in-cluster service account, or the current kubeconfig."""
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        configuration = client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = 32
+        return cls(client.ApiClient(configuration))
+
+    @classmethod
+    def from_kubeconfig(cls, kubeconfig: str) -> Client:
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        configuration.connection_pool_maxsize = 32
+        return cls(client.ApiClient(configuration))
+
+    # ---- raw ---------------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        url_path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        kind: str = "",
+    ) -> Manifest:
+        API_REQUESTS.labels(method, kind).inc()
+        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": USER_AGENT}
+        queries: list[tuple[str, str]] = list((query or {}).items())
+        self._api.update_params_for_auth(headers, queries, ["BearerToken"], url_path, method, body)
+        url = self._api.configuration.host + url_path + (f"?{urlencode(queries)}" if queries else "")
+        payload = None if body is None else json.dumps(body)
+        # urllib3 through the client's pool: it carries the kubeconfig's TLS settings and client certificate.
+        for attempt in range(RETRIES + 1):
+            response = self._api.rest_client.pool_manager.request(
+                method, url, body=payload, headers=headers, timeout=TIMEOUT_S, retries=False
+            )
+            # 429 (priority and fairness) and 503 with Retry-After ask the client to come back shortly.
+            if response.status not in (429, 503) or attempt == RETRIES:
+                break
+            time.sleep(min(float(response.headers.get("Retry-After") or 1), 5.0))
+        data = response.data
+        if response.status >= 400:
+            raise _error(response.status, data.decode(errors="replace"))
+        if not data:
+            return {}
+        parsed: Manifest = json.loads(data)
+        return parsed
+
+    # ---- verbs -------------------------------------------------------------------------------------
+
+    def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self.request("GET", path(kind, namespace, name), kind=kind)
+        except NotFound:
+            return None
+
+    def list(self, kind: str, namespace: str | None = None, label_selector: str = "") -> list[Manifest]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        result = self.request("GET", path(kind, namespace), query=query, kind=kind)
+        items: list[Manifest] = result.get("items") or []
+        api_version = PLURALS[kind][0]
+        for item in items:  # list items come without apiVersion/kind
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items
+
+    def apply(self, manifest: Manifest) -> Manifest:
+        """Server-side apply: the manifest states every field this operator owns on the object."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        return self.request(
+            "PATCH",
+            path(kind, meta["namespace"], meta["name"]),
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            body=manifest,
+            content_type="application/apply-patch+yaml",
+            kind=kind,
+        )
+
+    def delete(self, ref: Ref, propagation: str = "Background") -> bool:
+        """Delete exactly the object ``ref`` names (uid precondition); False when it was already gone."""
+        body: Manifest = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        if ref.uid:
+            body["preconditions"] = {"uid": ref.uid}
+        try:
+            self.request("DELETE", path(ref.kind, ref.namespace, ref.name), body=body, kind=ref.kind)
+        except NotFound:
+            return False
+        except Conflict:  # the uid precondition failed: a new object of that name is not ours to delete
+            return False
+        return True
+
+    def replace_status(self, obj: Manifest, status: Manifest) -> Manifest:
+        """PUT the status subresource with the resourceVersion we read: Conflict when the object moved on."""
+        meta = obj["metadata"]
+        body = {
+            "apiVersion": obj["apiVersion"],
+            "kind": obj["kind"],
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "resourceVersion": meta["resourceVersion"],
+            },
+            "spec": obj.get("spec"),
+            "status": status,
+        }
+        return self.request(
+            "PUT", path(obj["kind"], meta["namespace"], meta["name"], "status"), body=body, kind=obj["kind"]
+        )
+
+    def post_event(self, obj: Manifest, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on ``obj`` (what `kubectl describe` shows)."""
+        meta = obj["metadata"]
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj["apiVersion"],
+                "kind": obj["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.request("POST", path("Event", meta["namespace"]), body=event, kind="Event")
+        except ApiError as exc:  # an Event is a courtesy; never fail a pass for it
+            log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+
+
+def _error(status: int, body: str) -> ApiError:
+    message, reason = body, ""
+    try:
+        parsed = json.loads(body)
+        message, reason = parsed.get("message", body), parsed.get("reason", "")
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    cls = {409: Conflict, 404: NotFound}.get(status, ApiError)
+    return cls(status, str(message), str(reason))

@@ -1,0 +1,210 @@
+"""A real kube-apiserver + etcd (dev/localcluster/envtest) for every test that writes to the API.
+
+One control plane per session (about 5 s to start), one fresh namespace per test. There is no
+controller-manager: a test plays the Job controller and the garbage collector itself, which makes
+every intermediate state (a Job that is still terminating, a Deployment that is not ready) easy to hold.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dev.localcluster import envtest
+from dev.localcluster.config import Layout
+from tests.prereq import missing
+
+from flownexus.modeldeployment.reconciler import ModelDeploymentReconciler, ProviderFactory
+from flownexus.neuralcluster.reconciler import NeuralClusterReconciler
+from flownexus.prometheus import MetricsProvider
+from flownexus.runtime.cache import Cache
+from flownexus.runtime.client import USER_AGENT, Client, Manifest
+from flownexus.runtime.controller import Controller
+from flownexus.trainingjob.reconciler import Admission, TrainingJobReconciler
+
+REPO = Path(__file__).resolve().parents[2]
+KINDS = ("NeuralCluster", "TrainingJob", "ModelDeployment", "Job", "Deployment", "Service", "ConfigMap",
+         "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "PersistentVolumeClaim",
+         "ServiceAccount", "Role", "RoleBinding")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[envtest.ControlPlane]:
+    layout = Layout()
+    if not shutil.which("openssl"):
+        missing("openssl (apt-get install openssl)")
+    for binary in (layout.binary("etcd"), layout.k8s("kube-apiserver")):
+        if not binary.exists():
+            missing(f"{binary} (run `dev/cluster build`)")
+    plane = envtest.start(layout)
+    try:
+        admin = Client.from_kubeconfig(str(plane.kubeconfig))
+        for crd in sorted((REPO / "crds").glob("*.yaml")):
+            admin.request(
+                "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=yaml.safe_load(crd.read_text())
+            )
+        _wait_established(admin)
+        yield plane
+    finally:
+        envtest.remove(plane)
+
+
+def _wait_established(admin: Client) -> None:
+    deadline = time.monotonic() + 30
+    for plural in ("neuralclusters", "trainingjobs", "modeldeployments"):
+        while True:
+            crd = admin.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.flownexus.io")
+            conds = {c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions") or []}
+            if conds.get("Established") == "True":
+                break
+            assert time.monotonic() < deadline, f"CRD {plural} not Established"
+            time.sleep(0.2)
+    # The API server serves a new CRD's resources a moment after Established.
+    for plural in ("neuralclusters", "trainingjobs", "modeldeployments"):
+        while True:
+            try:
+                admin.request("GET", f"/apis/flownexus.io/v1alpha1/{plural}")
+                break
+            except Exception:
+                assert time.monotonic() < deadline, f"{plural} not served"
+                time.sleep(0.2)
+
+
+class Harness:
+    """The operator's real loop (client, cache, reconcilers) against the real API, one pass at a time.
+
+    ``reconcile`` first re-lists every kind into the cache: what a synced informer would hold.
+    """
+
+    def __init__(self, plane: envtest.ControlPlane, namespace: str, provider: ProviderFactory | None) -> None:
+        self.plane = plane
+        self.ns = namespace
+        self.client = Client.from_kubeconfig(str(plane.kubeconfig))
+        self.cache = Cache()
+        self.admission = Admission(self.cache)
+        self.md = ModelDeploymentReconciler(self.cache, provider or (lambda url: _NoPrometheus()))
+        self.controller = Controller(
+            self.client,
+            self.cache,
+            [
+                NeuralClusterReconciler(self.cache),
+                TrainingJobReconciler(self.client, self.cache, self.admission),
+                self.md,
+            ],
+        )
+
+    # ---- the operator side --------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        for kind in KINDS:
+            self.cache.replace_kind(kind, self.client.list(kind, self.ns))
+
+    def reconcile(self, kind: str, name: str) -> float | None:
+        self.sync()
+        return self.controller.run_pass(kind, self.ns, name)
+
+    def ready_cluster(self, obj: Manifest) -> Manifest:
+        """Create a NeuralCluster and run its pass: Ready once its PVC exists."""
+        self.create(obj)
+        self.reconcile("NeuralCluster", obj["metadata"]["name"])
+        nc = self.get("NeuralCluster", obj["metadata"]["name"])
+        assert nc["status"]["phase"] == "Ready", nc.get("status")
+        return nc
+
+    # ---- the user, the Job controller, the garbage collector ------------------------------------------
+
+    def create(self, obj: Manifest) -> Manifest:
+        obj = {**obj, "metadata": {**obj["metadata"], "namespace": self.ns}}
+        from flownexus.runtime.client import path
+
+        created = self.client.request("POST", path(obj["kind"], self.ns), body=obj, kind=obj["kind"])
+        return created
+
+    def get(self, kind: str, name: str) -> Manifest:
+        obj = self.client.get(kind, self.ns, name)
+        assert obj is not None, f"{kind} {name} does not exist"
+        return obj
+
+    def exists(self, kind: str, name: str) -> bool:
+        return self.client.get(kind, self.ns, name) is not None
+
+    def patch(self, kind: str, name: str, body: Manifest, subresource: str | None = None) -> Manifest:
+        from flownexus.runtime.client import path
+
+        return self.client.request(
+            "PATCH", path(kind, self.ns, name, subresource), body=body, content_type="application/merge-patch+json",
+            kind=kind,
+        )  # fmt: skip
+
+    def set_status(self, kind: str, name: str, status: Manifest) -> Manifest:
+        return self.patch(kind, name, {"status": status}, "status")
+
+    def job_running(self, name: str) -> None:
+        job = self.get("Job", name)
+        self.set_status(
+            "Job", name, {"ready": job["spec"].get("parallelism", 1), "active": job["spec"].get("parallelism", 1)}
+        )
+
+    def job_finished(self, name: str, condition: str, reason: str = "", message: str = "") -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        conds = [{"type": condition, "status": "True", "reason": reason or condition, "message": message,
+                  "lastTransitionTime": stamp, "lastProbeTime": stamp}]  # fmt: skip
+        if condition == "Complete":
+            conds.insert(0, {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached",
+                             "lastTransitionTime": stamp, "lastProbeTime": stamp})  # fmt: skip
+        else:
+            conds.insert(0, {"type": "FailureTarget", "status": "True", "reason": reason or "BackoffLimitExceeded",
+                             "message": message, "lastTransitionTime": stamp, "lastProbeTime": stamp})  # fmt: skip
+        job = self.get("Job", name)
+        n = job["spec"].get("completions", 1)
+        status: Manifest = {"conditions": conds, "startTime": stamp, "ready": 0, "active": 0, "terminating": 0,
+                            "uncountedTerminatedPods": {}}  # fmt: skip
+        if condition == "Complete":
+            status.update(succeeded=n, completionTime=stamp)
+            if job["spec"].get("completionMode") == "Indexed":
+                status["completedIndexes"] = "0" if n == 1 else f"0-{n - 1}"
+        else:
+            status.update(failed=1)
+        self.set_status("Job", name, status)
+
+    def collect_garbage(self, kind: str, name: str) -> None:
+        """What the garbage collector does for a foreground deletion once the dependents are gone."""
+        self.patch(kind, name, {"metadata": {"finalizers": None}})
+
+    def events(self, reason: str | None = None) -> list[Manifest]:
+        return [e for e in self.client.list("Event", self.ns) if reason is None or e.get("reason") == reason]
+
+    def operator_requests(self, since: int) -> list[dict[str, Any]]:
+        return self.plane.requests_by(USER_AGENT, since)
+
+
+class _NoPrometheus:
+    def query(self, promql: str) -> Any:
+        raise AssertionError("this test did not expect a Prometheus query")
+
+
+@pytest.fixture
+def harness_factory(control_plane: envtest.ControlPlane) -> Callable[..., Harness]:
+    def make(provider: Callable[[str], MetricsProvider] | None = None) -> Harness:
+        admin = Client.from_kubeconfig(str(control_plane.kubeconfig))
+        ns = f"t-{uuid.uuid4().hex[:8]}"
+        admin.request(
+            "POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        )
+        # What the controller-manager would add: pods are admitted only when their ServiceAccount exists.
+        sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}
+        admin.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", body=sa)
+        return Harness(control_plane, ns, provider)
+
+    return make
+
+
+@pytest.fixture
+def harness(harness_factory: Callable[..., Harness]) -> Harness:
+    return harness_factory()
