@@ -130,6 +130,20 @@ def _decided_status(obj: Manifest) -> Manifest:
     return {k: v for k, v in (obj.get("status") or {}).items() if k not in POD_OWNED_STATUS}
 
 
+# What dependents of a primary object care about, as last seen through its watch (our own writes included:
+# the write-through cache would hide their transitions).
+_SEEN: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+
+
+def _signature(kind: str, obj: Manifest) -> tuple[Any, ...]:
+    status = obj.get("status") or {}
+    if kind == "TrainingJob":
+        return uses_capacity(obj), status.get("phase")
+    if kind == "NeuralCluster":
+        return obj.get("spec"), status.get("phase")
+    return (True,)  # a ModelDeployment: only its coming and going matters to its NeuralCluster
+
+
 def _observe(event: kopf.RawEvent) -> None:
     rt = RUNTIME
     if rt is None:
@@ -139,47 +153,49 @@ def _observe(event: kopf.RawEvent) -> None:
     namespace, name = meta.get("namespace", ""), meta.get("name", "")
     if not namespace or not _in_scope(namespace):
         return
-    old = rt.cache.get(kind, namespace, name)
-    if event.get("type") == "DELETED":
+    deleted = event.get("type") == "DELETED"
+    cached = rt.cache.get(kind, namespace, name)
+    own_write = not deleted and _unchanged(cached, obj)
+    if deleted:
         rt.cache.remove(kind, namespace, name)
     else:
-        if _unchanged(old, obj):
-            return
         rt.cache.upsert(obj)
-    deleted = event.get("type") == "DELETED"
     enqueue = rt.controller.enqueue
+    if kind not in PRIMARY:
+        owner = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+        if not own_write and owner is not None and owner.get("kind") in PRIMARY and controller_uid(obj):
+            enqueue(owner["kind"], namespace, owner["name"])
+        return
+
+    key = (kind, namespace, name)
+    before = _SEEN.pop(key, None) if deleted else _SEEN.get(key)
+    after = None if deleted else _signature(kind, obj)
+    if after is not None:
+        _SEEN[key] = after
+    if not own_write and not (kind == "TrainingJob" and _only_progress(cached, obj)):
+        enqueue(kind, namespace, name)
+    if before == after:
+        return
+    cluster = cluster_of(obj)
     if kind == "TrainingJob":
-        if deleted or not _only_progress(old, obj):
-            enqueue(kind, namespace, name)
-        was_active = old is not None and uses_capacity(old)
-        now_active = not deleted and uses_capacity(obj)
-        phase = (obj.get("status") or {}).get("phase")
-        old_phase = ((old or {}).get("status") or {}).get("phase")
-        cluster = cluster_of(obj)
-        if was_active != now_active or deleted or old is None:
-            enqueue("NeuralCluster", namespace, cluster)
-        if deleted or (was_active and not now_active) or (phase in FINISHED and old_phase not in FINISHED):
+        was_active, old_phase = before if before is not None else (False, None)
+        now_active, phase = after if after is not None else (False, None)
+        if was_active != now_active or before is None or after is None:
+            enqueue("NeuralCluster", namespace, cluster)  # its count of active jobs
+        if after is None or (was_active and not now_active) or (phase in FINISHED and old_phase not in FINISHED):
             for waiting in rt.admission.waiting_jobs(namespace, cluster):  # a slot may be free
                 enqueue(kind, namespace, waiting)
-        if phase != old_phase or deleted:
+        if phase != old_phase:
             for md in rt.cache.list("ModelDeployment", namespace):
                 ref = ((md.get("spec") or {}).get("model") or {}).get("trainingJobRef") or {}
                 if ref.get("name") == name:
                     enqueue("ModelDeployment", namespace, md["metadata"]["name"])
     elif kind == "NeuralCluster":
-        enqueue(kind, namespace, name)
-        if old is None or deleted or old.get("spec") != obj.get("spec") or old.get("status") != obj.get("status"):
-            for other in ("TrainingJob", "ModelDeployment"):
-                for o in rt.cache.list(other, namespace, where=lambda o: cluster_of(o) == name):
-                    enqueue(other, namespace, o["metadata"]["name"])
-    elif kind == "ModelDeployment":
-        enqueue(kind, namespace, name)
-        if old is None or deleted:
-            enqueue("NeuralCluster", namespace, cluster_of(obj))
-    else:
-        owner = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
-        if owner is not None and owner.get("kind") in PRIMARY and controller_uid(obj):
-            enqueue(owner["kind"], namespace, owner["name"])
+        for other in ("TrainingJob", "ModelDeployment"):
+            for o in rt.cache.list(other, namespace, where=lambda o: cluster_of(o) == name):
+                enqueue(other, namespace, o["metadata"]["name"])
+    elif before is None or after is None:
+        enqueue("NeuralCluster", namespace, cluster)  # its count of deployments
 
 
 def _register() -> None:

@@ -85,7 +85,9 @@ class Harness:
     def __init__(self, plane: envtest.ControlPlane, namespace: str, provider: ProviderFactory | None) -> None:
         self.plane = plane
         self.ns = namespace
+        # The operator's own client; the test's writes as a user go through ``self.user``.
         self.client = Client.from_kubeconfig(str(plane.kubeconfig))
+        self.user = Client.from_kubeconfig(str(plane.kubeconfig), user_agent="flownexus-tests")
         self.cache = Cache()
         self.admission = Admission(self.cache)
         self.md = ModelDeploymentReconciler(self.cache, provider or (lambda url: _NoPrometheus()))
@@ -123,21 +125,21 @@ class Harness:
         obj = {**obj, "metadata": {**obj["metadata"], "namespace": self.ns}}
         from flownexus.runtime.client import path
 
-        created = self.client.request("POST", path(obj["kind"], self.ns), body=obj, kind=obj["kind"])
+        created = self.user.request("POST", path(obj["kind"], self.ns), body=obj, kind=obj["kind"])
         return created
 
     def get(self, kind: str, name: str) -> Manifest:
-        obj = self.client.get(kind, self.ns, name)
+        obj = self.user.get(kind, self.ns, name)
         assert obj is not None, f"{kind} {name} does not exist"
         return obj
 
     def exists(self, kind: str, name: str) -> bool:
-        return self.client.get(kind, self.ns, name) is not None
+        return self.user.get(kind, self.ns, name) is not None
 
     def patch(self, kind: str, name: str, body: Manifest, subresource: str | None = None) -> Manifest:
         from flownexus.runtime.client import path
 
-        return self.client.request(
+        return self.user.request(
             "PATCH", path(kind, self.ns, name, subresource), body=body, content_type="application/merge-patch+json",
             kind=kind,
         )  # fmt: skip
@@ -178,7 +180,7 @@ class Harness:
         self.patch(kind, name, {"metadata": {"finalizers": None}})
 
     def events(self, reason: str | None = None) -> list[Manifest]:
-        return [e for e in self.client.list("Event", self.ns) if reason is None or e.get("reason") == reason]
+        return [e for e in self.user.list("Event", self.ns) if reason is None or e.get("reason") == reason]
 
     def operator_requests(self, since: int) -> list[dict[str, Any]]:
         return self.plane.requests_by(USER_AGENT, since)

@@ -65,7 +65,7 @@ def test_a_name_taken_by_another_owner_is_reported_and_never_taken_over(harness:
     assert len(h.events("OwnershipConflict")) == 1
 
     # The owner removes theirs: the job proceeds and the condition goes.
-    h.client.request("DELETE", f"/api/v1/namespaces/{h.ns}/services/digits-workers")
+    h.user.request("DELETE", f"/api/v1/namespaces/{h.ns}/services/digits-workers")
     h.reconcile("TrainingJob", "digits")
     assert h.exists("Job", "digits-a1")
     status = h.get("TrainingJob", "digits")["status"]

@@ -96,9 +96,9 @@ class Ref:
 class Client:
     """A thin, typed wrapper over the kubernetes package's REST client (it handles TLS, tokens, proxies)."""
 
-    def __init__(self, api_client: Any) -> None:
+    def __init__(self, api_client: Any, user_agent: str = USER_AGENT) -> None:
         self._api = api_client
-        self._api.user_agent = USER_AGENT
+        self.user_agent = user_agent
 
     @classmethod
     def from_environment(cls) -> Client:
@@ -114,13 +114,13 @@ class Client:
         return cls(client.ApiClient(configuration))
 
     @classmethod
-    def from_kubeconfig(cls, kubeconfig: str) -> Client:
+    def from_kubeconfig(cls, kubeconfig: str, user_agent: str = USER_AGENT) -> Client:
         from kubernetes import client, config
 
         configuration = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         configuration.connection_pool_maxsize = 32
-        return cls(client.ApiClient(configuration))
+        return cls(client.ApiClient(configuration), user_agent)
 
     # ---- raw ---------------------------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ class Client:
         kind: str = "",
     ) -> Manifest:
         API_REQUESTS.labels(method, kind).inc()
-        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": USER_AGENT}
+        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": self.user_agent}
         queries: list[tuple[str, str]] = list((query or {}).items())
         self._api.update_params_for_auth(headers, queries, ["BearerToken"], url_path, method, body)
         url = self._api.configuration.host + url_path + (f"?{urlencode(queries)}" if queries else "")
