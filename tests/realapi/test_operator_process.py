@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from tests.factories import neural_cluster, training_job
 from tests.realapi.conftest import REPO, Harness
 
@@ -65,7 +64,8 @@ def test_watch_events_drive_the_trainingjob_and_quiet_objects_cost_no_requests(
     wait_for("phase Created", lambda: phase(h, "TrainingJob", "digits") == "Created")
     h.job_running("digits-a1")  # what the Job controller reports once every pod runs
     wait_for("phase Running", lambda: phase(h, "TrainingJob", "digits") == "Running", timeout=10)
-    wait_for("the cluster to count the job", lambda: h.get("NeuralCluster", "demo")["status"]["activeTrainingJobs"] == 1)
+    counted = lambda: h.get("NeuralCluster", "demo")["status"]["activeTrainingJobs"] == 1  # noqa: E731
+    wait_for("the cluster to count the job", counted)
 
     time.sleep(2)  # let the echoes of our own writes come back through the watches
     mark = h.plane.audit_lines()
