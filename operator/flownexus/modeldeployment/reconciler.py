@@ -235,9 +235,15 @@ class ModelDeploymentReconciler:
     kind = KIND
     pod_owned_status: frozenset[str] = frozenset()
 
-    def __init__(self, cache: Cache, provider_factory: ProviderFactory = HttpPrometheus) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        provider_factory: ProviderFactory = HttpPrometheus,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.cache = cache
         self.provider_factory = provider_factory
+        self.clock = clock or (lambda: datetime.now(UTC))
 
     def _deployment(self, obj: Manifest, track: Literal["stable", "canary"]) -> DeploymentView | None:
         dep = self.cache.get(
@@ -247,12 +253,12 @@ class ModelDeploymentReconciler:
             return None  # a foreign Deployment of that name is reported by the loop, never read as ours
         return deployment_view(dep)
 
-    def reconcile(self, obj: Manifest, now: datetime | None = None) -> Outcome:
+    def reconcile(self, obj: Manifest) -> Outcome:
         spec: ModelDeploymentSpec = parse_spec(ModelDeploymentSpec, obj)
         meta = obj["metadata"]
         ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
         status = ModelDeploymentStatus.model_validate(obj.get("status") or {})
-        now = now or datetime.now(UTC)
+        now = self.clock()
         cluster = cluster_view(self.cache, ns, spec.cluster_ref.name)
         ctx = (
             ServingContext(owner=obj, spec=spec, cluster=cluster.spec, artifact_claim=cluster.claim)
