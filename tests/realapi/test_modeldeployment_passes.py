@@ -247,9 +247,10 @@ def test_children_names_taken_by_others_are_reported_and_left_alone(harness: Har
     validated(h, "digits", "1.0.0")
     svc = h.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "digits"},
                     "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 80}]}})  # fmt: skip
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "theirs"}
     hpa = h.create({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-                    "metadata": {"name": "digits-stable"}, "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "theirs"},
-                             "minReplicas": 1, "maxReplicas": 3}})  # fmt: skip
+                    "metadata": {"name": "digits-stable"},
+                    "spec": {"scaleTargetRef": target, "minReplicas": 1, "maxReplicas": 3}})  # fmt: skip
     h.create(md("1.0.0", "digits"))
     h.reconcile("ModelDeployment", "digits")
     status = h.get("ModelDeployment", "digits")["status"]
