@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests import prereq
+
 REPO = Path(__file__).resolve().parents[2]
 DEV_CLUSTER = REPO / "dev" / "cluster"
 UP_TIMEOUT_S = 1800  # covers a cold build of the binaries; a warm `up` takes about a minute
@@ -103,7 +105,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def cluster() -> Iterator[Cluster]:
     missing = _missing_prerequisites()
     if missing:
-        pytest.skip(f"the local cluster needs: {', '.join(missing)} (see docs/CLUSTER.md)")
+        prereq.missing(f"the local cluster needs: {', '.join(missing)} (see docs/CLUSTER.md)")
     status = _dev_cluster("status", timeout=60)
     running = status.returncode == 0
     if running:

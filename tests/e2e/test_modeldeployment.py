@@ -38,6 +38,7 @@ from flownexus.modeldeployment.children import canary_replicas
 from tests.e2e.conftest import REPO, Cluster, _free_port, build_image, wait_until
 from tests.e2e.test_trainingjob import artifact_dir, example
 from tests.integration.trainer.procs import run_torchrun, run_validator, write_job_config
+from tests.prereq import missing
 from tests.unit.test_modeldeployment_docs import LUA, health
 
 pytestmark = pytest.mark.e2e
@@ -99,7 +100,7 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     """
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+        missing("prometheus is not installed (apt-get install prometheus)")
     work = tmp_path_factory.mktemp("prometheus")
     targets = work / "targets.json"
     targets.write_text("[]")
@@ -605,8 +606,9 @@ def test_bad_canary_is_rolled_back_in_time_and_stable_never_fails(serving: Servi
     serving.wait("Available at 2.0.0 again", available_at("2.0.0"), timeout=60)
 
 
-@pytest.mark.skipif(LUA is None, reason="lua5.1 is not installed (apt-get install lua5.1)")
 def test_argo_cd_health_check_reads_healthy_at_the_end(serving: Serving) -> None:
+    if LUA is None:
+        missing("lua5.1 is not installed (apt-get install lua5.1)")
     serving.wait("Available at 2.0.0", available_at("2.0.0"), timeout=60)
     obj = serving.cluster.get("-n", serving.namespace, "mdep", MD)
     status, message = health(obj)

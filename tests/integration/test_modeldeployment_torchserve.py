@@ -35,6 +35,7 @@ from flownexus.modeldeployment.children import (
 from flownexus.prometheus import CanarySelector, HttpPrometheus, NoData, error_rate_query, latency_p99_ms_query
 from tests.factories import model_deployment, neural_cluster
 from tests.integration.trainer.procs import free_port, kill_group, subprocess_env
+from tests.prereq import missing
 
 pytestmark = pytest.mark.integration
 FEATURES = 4
@@ -243,7 +244,7 @@ def test_canary_promql_on_a_real_prometheus(pod: Pod, tmp_path: Path) -> None:
     """Healthy: error rate 0 (not NoData) and a finite p99; all workers gone: every request 503 -> error rate 1."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+        missing("prometheus is not installed (apt-get install prometheus)")
     port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"

@@ -20,18 +20,17 @@ from dev.localcluster import envtest
 from dev.localcluster.config import Layout
 from tests.prereq import missing
 
+from flownexus.handlers import CHILDREN, PRIMARY
 from flownexus.modeldeployment.reconciler import ModelDeploymentReconciler, ProviderFactory
 from flownexus.neuralcluster.reconciler import NeuralClusterReconciler
 from flownexus.prometheus import MetricsProvider
 from flownexus.runtime.cache import Cache
-from flownexus.runtime.client import USER_AGENT, Client, Manifest
+from flownexus.runtime.client import USER_AGENT, Client, Manifest, path
 from flownexus.runtime.controller import Controller
 from flownexus.trainingjob.reconciler import Admission, TrainingJobReconciler
 
 REPO = Path(__file__).resolve().parents[2]
-KINDS = ("NeuralCluster", "TrainingJob", "ModelDeployment", "Job", "Deployment", "Service", "ConfigMap",
-         "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "PersistentVolumeClaim",
-         "ServiceAccount", "Role", "RoleBinding")  # fmt: skip
+KINDS = (*PRIMARY, *CHILDREN)  # what the operator caches (and may list)
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +81,13 @@ class Harness:
     ``reconcile`` first re-lists every kind into the cache: what a synced informer would hold.
     """
 
-    def __init__(self, plane: envtest.ControlPlane, namespace: str, provider: ProviderFactory | None) -> None:
+    def __init__(
+        self, plane: envtest.ControlPlane, namespace: str, provider: ProviderFactory | None, impersonate: str | None
+    ) -> None:
         self.plane = plane
         self.ns = namespace
         # The operator's own client; the test's writes as a user go through ``self.user``.
-        self.client = Client.from_kubeconfig(str(plane.kubeconfig))
+        self.client = Client.from_kubeconfig(str(plane.kubeconfig), impersonate=impersonate)
         self.user = Client.from_kubeconfig(str(plane.kubeconfig), user_agent="flownexus-tests")
         self.cache = Cache()
         self.admission = Admission(self.cache)
@@ -191,9 +192,21 @@ class _NoPrometheus:
         raise AssertionError("this test did not expect a Prometheus query")
 
 
+def chart_rbac(namespace: str) -> list[Manifest]:
+    """The chart's ClusterRole and binding as Helm renders them, named for one test namespace."""
+    text = (REPO / "helm" / "flownexus" / "templates" / "rbac.yaml").read_text()
+    text = "\n".join(line for line in text.splitlines() if "{{- include" not in line)
+    text = text.replace('{{ include "flownexus.name" . }}', f"flownexus-{namespace}")
+    text = text.replace("{{ .Release.Namespace }}", namespace).replace(
+        f"name: flownexus-{namespace}\n    namespace", "name: flownexus\n    namespace"
+    )
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
 @pytest.fixture
 def harness_factory(control_plane: envtest.ControlPlane) -> Callable[..., Harness]:
-    def make(provider: Callable[[str], MetricsProvider] | None = None) -> Harness:
+    def make(provider: Callable[[str], MetricsProvider] | None = None, operator_rbac: bool = False) -> Harness:
+        """A fresh namespace; with ``operator_rbac`` the operator acts as the chart's ServiceAccount."""
         admin = Client.from_kubeconfig(str(control_plane.kubeconfig))
         ns = f"t-{uuid.uuid4().hex[:8]}"
         admin.request(
@@ -202,7 +215,14 @@ def harness_factory(control_plane: envtest.ControlPlane) -> Callable[..., Harnes
         # What the controller-manager would add: pods are admitted only when their ServiceAccount exists.
         sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}
         admin.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", body=sa)
-        return Harness(control_plane, ns, provider)
+        impersonate = None
+        if operator_rbac:
+            for obj in chart_rbac(ns):
+                admin.request("POST", path(obj["kind"], None if obj["kind"].startswith("Cluster") else ns), body=obj)
+            sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "flownexus"}}
+            admin.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", body=sa)
+            impersonate = f"system:serviceaccount:{ns}:flownexus"
+        return Harness(control_plane, ns, provider, impersonate)
 
     return make
 

@@ -45,6 +45,8 @@ PLURALS: dict[str, tuple[str, str]] = {
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "ClusterRole": ("rbac.authorization.k8s.io/v1", "clusterroles"),
+    "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1", "clusterrolebindings"),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
     "NeuralCluster": ("flownexus.io/v1alpha1", "neuralclusters"),
     "TrainingJob": ("flownexus.io/v1alpha1", "trainingjobs"),
@@ -96,9 +98,10 @@ class Ref:
 class Client:
     """A thin, typed wrapper over the kubernetes package's REST client (it handles TLS, tokens, proxies)."""
 
-    def __init__(self, api_client: Any, user_agent: str = USER_AGENT) -> None:
+    def __init__(self, api_client: Any, user_agent: str = USER_AGENT, impersonate: str | None = None) -> None:
         self._api = api_client
         self.user_agent = user_agent
+        self.impersonate = impersonate  # tests: act as a ServiceAccount to prove its rights suffice
 
     @classmethod
     def from_environment(cls) -> Client:
@@ -114,13 +117,13 @@ class Client:
         return cls(client.ApiClient(configuration))
 
     @classmethod
-    def from_kubeconfig(cls, kubeconfig: str, user_agent: str = USER_AGENT) -> Client:
+    def from_kubeconfig(cls, kubeconfig: str, user_agent: str = USER_AGENT, impersonate: str | None = None) -> Client:
         from kubernetes import client, config
 
         configuration = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         configuration.connection_pool_maxsize = 32
-        return cls(client.ApiClient(configuration), user_agent)
+        return cls(client.ApiClient(configuration), user_agent, impersonate)
 
     # ---- raw ---------------------------------------------------------------------------------------
 
@@ -136,6 +139,8 @@ class Client:
     ) -> Manifest:
         API_REQUESTS.labels(method, kind).inc()
         headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": self.user_agent}
+        if self.impersonate:
+            headers["Impersonate-User"] = self.impersonate
         queries: list[tuple[str, str]] = list((query or {}).items())
         self._api.update_params_for_auth(headers, queries, ["BearerToken"], url_path, method, body)
         url = self._api.configuration.host + url_path + (f"?{urlencode(queries)}" if queries else "")
