@@ -150,6 +150,39 @@ def start(layout: Layout | None = None, root: Path | None = None, timeout: float
     return plane
 
 
+def admin_request(plane: ControlPlane, method: str, path: str, body: object = None) -> dict[str, object]:
+    """One request as cluster-admin (the client certificate of the plane's kubeconfig)."""
+    pki = plane.root / "pki"
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    request = urllib.request.Request(plane.server + path, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        parsed: dict[str, object] = json.loads(response.read() or b"{}")
+        return parsed
+
+
+def install_crds(plane: ControlPlane, manifests: list[dict[str, object]], timeout: float = 30) -> None:
+    """Create the CRDs and wait until the API server serves their resources."""
+    for crd in manifests:
+        admin_request(plane, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    deadline = time.monotonic() + timeout
+    for crd in manifests:
+        spec = crd["spec"]
+        assert isinstance(spec, dict)
+        group, plural = spec["group"], spec["names"]["plural"]
+        version = next(v["name"] for v in spec["versions"] if v.get("served"))
+        while True:
+            try:
+                admin_request(plane, "GET", f"/apis/{group}/{version}/{plural}")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{plural}.{group} is not served after {timeout:.0f}s") from None
+                time.sleep(0.2)
+
+
 def remove(plane: ControlPlane) -> None:
     plane.stop()
     shutil.rmtree(plane.root, ignore_errors=True)

@@ -43,36 +43,11 @@ def control_plane() -> Iterator[envtest.ControlPlane]:
             missing(f"{binary} (run `dev/cluster build`)")
     plane = envtest.start(layout)
     try:
-        admin = Client.from_kubeconfig(str(plane.kubeconfig))
-        for crd in sorted((REPO / "crds").glob("*.yaml")):
-            admin.request(
-                "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=yaml.safe_load(crd.read_text())
-            )
-        _wait_established(admin)
+        crds = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "crds").glob("*.yaml"))]
+        envtest.install_crds(plane, crds)
         yield plane
     finally:
         envtest.remove(plane)
-
-
-def _wait_established(admin: Client) -> None:
-    deadline = time.monotonic() + 30
-    for plural in ("neuralclusters", "trainingjobs", "modeldeployments"):
-        while True:
-            crd = admin.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.flownexus.io")
-            conds = {c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions") or []}
-            if conds.get("Established") == "True":
-                break
-            assert time.monotonic() < deadline, f"CRD {plural} not Established"
-            time.sleep(0.2)
-    # The API server serves a new CRD's resources a moment after Established.
-    for plural in ("neuralclusters", "trainingjobs", "modeldeployments"):
-        while True:
-            try:
-                admin.request("GET", f"/apis/flownexus.io/v1alpha1/{plural}")
-                break
-            except Exception:
-                assert time.monotonic() < deadline, f"{plural} not served"
-                time.sleep(0.2)
 
 
 class Harness:
