@@ -133,7 +133,7 @@ class TrainingJobReconciler:
         validator = self._owned_job(obj, validator_job_name(name)) if attempt else None
         v_state = job_state(validator)
         verdict = None
-        if validator is not None and v_state in (JobState.SUCCEEDED, JobState.FAILED):
+        if validator is not None and v_state in (JobState.SUCCEEDED, JobState.FAILED) and status.phase not in FINISHED:
             verdict = self._termination_message(namespace, validator)
         return Observed(
             cluster_ready=cluster.ready,
