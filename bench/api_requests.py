@@ -206,9 +206,7 @@ def main() -> int:
         elapsed = wait("every TrainingJob to succeed", all_succeeded, 600)
         time.sleep(3)  # the last echoes
         per_job = operator_requests(plane, mark)
-        print(
-            f"TrainingJobs: {args.jobs}, apply -> all Succeeded in {elapsed:.1f} s (the script plays the Job controller)"
-        )
+        print(f"TrainingJobs: {args.jobs}, apply -> all Succeeded in {elapsed:.1f} s (script = Job controller)")
         print(f"operator requests per TrainingJob, apply -> Succeeded: {len(per_job) / args.jobs:.1f}")
         for what, n in summary(per_job).items():
             print(f"  {what:45s} {n / args.jobs:6.2f} per job")
