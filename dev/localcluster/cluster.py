@@ -13,6 +13,8 @@ from pathlib import Path
 from . import build, host, images, manifests, node_config, pki, procs
 from .config import (
     APISERVER_PORT,
+    AUDIT_POLICY,
+    DEV_DIR,
     ETCD_CLIENT_PORT,
     ETCD_PEER_PORT,
     NODE_NAME,
@@ -90,6 +92,7 @@ def _write_configs(layout: Layout, node_ip: str) -> None:
     for stem in ("controller-manager", "scheduler", "kubelet", "kube-proxy"):
         # The node components reach the API server by the node IP, as they would from another machine.
         pki.write_kubeconfig(layout.conf / f"{stem}.kubeconfig", layout.pki, stem)
+    _write_if_changed(layout.conf / "audit-policy.yaml", AUDIT_POLICY)
     _write_if_changed(layout.conf / "containerd.toml", node_config.containerd_toml(layout))
     _write_if_changed(layout.conf / "kubelet.yaml", node_config.kubelet_yaml(layout))
     _write_if_changed(layout.conf / "kube-proxy.yaml", node_config.kube_proxy_yaml(layout))
@@ -158,6 +161,12 @@ def _start_control_plane(layout: Layout, node_ip: str) -> None:
             f"--proxy-client-cert-file={p / 'front-proxy-client.crt'}",
             f"--proxy-client-key-file={p / 'front-proxy-client.key'}",
             "--enable-aggregator-routing=true",
+            # Every request, who sent it and the answer's code: how benchmarks count an operator's requests.
+            f"--audit-policy-file={layout.conf / 'audit-policy.yaml'}",
+            f"--audit-log-path={layout.logs / 'audit.log'}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=200",
+            "--audit-log-maxbackup=1",
             "--profiling=false",
             "--v=1",
         ],
@@ -296,6 +305,7 @@ def up(layout: Layout, fake_nodes: int = 2, fake_gpu_nodes: int = 1, timeout: fl
             layout.binary("kwok"),
             f"--kubeconfig={layout.kubeconfig}",
             f"--config={layout.bin_dir('kwok') / 'stages.yaml'}",
+            f"--config={DEV_DIR / 'kwok' / 'stages-pytorchjob.yaml'}",
             f"--manage-nodes-with-annotation-selector={manifests.KWOK_ANNOTATION}=fake",
             f"--node-ip={node_ip}",
             "--cidr=10.245.0.0/16",

@@ -29,6 +29,13 @@ PAUSE_IMAGE = "localhost/flownexus/pause:3.10"
 # (and only find) our mounts and files. The hostPath provisioner's directory is fixed by Kubernetes.
 STATE_ROOTS = (Path("/var/lib/flownexus"), Path("/run/flownexus"))
 HOSTPATH_PV_DIR = Path("/tmp/hostpath_pv")
+# The API servers' audit policy: metadata of every request (who, what, the answer's code), nothing else.
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+"""
 
 
 def read_versions(path: Path = DEV_DIR / "versions.env") -> dict[str, str]:

@@ -21,16 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Layout
+from .config import AUDIT_POLICY, Layout
 from .pki import ensure_pki, write_kubeconfig
 from .procs import stop_pid
-
-AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
-kind: Policy
-omitStages: [RequestReceived]
-rules:
-- level: Metadata
-"""
 
 
 def free_port() -> int:

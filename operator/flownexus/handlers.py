@@ -78,6 +78,8 @@ def _prime(client: Client, cache: Cache) -> None:
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global RUNTIME
     settings.posting.enabled = False  # our Events come from the passes, after the status write
+    # Every watch event is a "handler succeeded" line at INFO otherwise; the passes log what matters.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     client = Client.from_environment()
     cache = Cache()

@@ -59,9 +59,9 @@ def test_chart_installs_an_operator_that_reconciles(cluster: Cluster, namespace:
         job = cluster.get("-n", namespace, "job", "tiny-a1")
         assert job["spec"]["completions"] == 2
         logs = cluster.kubectl("-n", release_ns, "logs", "deployment/flownexus-operator").stdout
-        assert f"flownexus operator starting ({namespace})" in logs
-        assert "Handler 'reconcile_neuralcluster' succeeded" in logs, logs[-2000:]
-        assert "Handler 'reconcile_trainingjob' succeeded" in logs, logs[-2000:]
+        assert f"flownexus operator started ({namespace})" in logs
+        # A right the chart lacks would show as a 403 in a failed pass.
+        assert "forbidden" not in logs.lower() and "pass failed" not in logs, logs[-2000:]
     finally:
         helm(cluster, "uninstall", "flownexus", "--namespace", release_ns, "--wait")
         cluster.kubectl("delete", "namespace", release_ns, "--wait=false", check=False)
