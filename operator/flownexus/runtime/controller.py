@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from ..api.common import format_validation_error
-from ..meta import now
+from ..api.common import Condition, format_validation_error
+from ..meta import set_condition
 from ..metrics import RECONCILE_SECONDS, RECONCILES
 from .cache import Cache, controller_name, controller_uid
 from .client import ApiError, Client, Conflict, Manifest, Ref
@@ -116,16 +116,11 @@ class Reconciler(Protocol):
 
 
 def with_condition(status: Manifest, type_: str, value: str, reason: str, message: str, generation: Any) -> Manifest:
-    """``status`` with one condition set (lastTransitionTime kept while its status does not change)."""
+    """``status`` (wire form) with one condition set, by the same rule as :func:`flownexus.meta.set_condition`."""
     out = copy.deepcopy(status)
-    conditions = [c for c in out.get("conditions") or [] if c.get("type") != type_]
-    previous = next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
-    since = previous.get("lastTransitionTime") if previous and previous.get("status") == value else now()
-    conditions.append(
-        {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": since,
-         "observedGeneration": generation}
-    )  # fmt: skip
-    out["conditions"] = sorted(conditions, key=lambda c: c["type"])
+    conditions = [Condition.model_validate(c) for c in out.get("conditions") or []]
+    conditions = set_condition(conditions, type_, value, reason, message, generation)
+    out["conditions"] = [c.model_dump(by_alias=True, exclude_none=True, mode="json") for c in conditions]
     return out
 
 
