@@ -20,6 +20,7 @@ from typing import Literal
 from ..api.modeldeployment import ModelDeploymentSpec
 from ..api.neuralcluster import NeuralClusterSpec
 from ..meta import Manifest, OwnedContext, child_metadata
+from . import pod
 
 Track = Literal["stable", "canary"]
 
@@ -178,131 +179,15 @@ def model_settings(ctx: ServingContext) -> Manifest:
     }
 
 
-PREPARE_SCRIPT = '''\
-"""Flow Nexus init container: copy the model archive into the model store, render config.properties."""
-import json, os, shutil, sys, zipfile
-
-archive, name = os.environ["FLOWNEXUS_ARCHIVE"], os.environ["FLOWNEXUS_MODEL_NAME"]
-store, conf, template = os.environ["FLOWNEXUS_MODEL_STORE"], os.environ["FLOWNEXUS_CONF_DIR"], sys.argv[1]
-try:
-    open(archive, "rb").close()
-except FileNotFoundError:
-    sys.exit(f"model archive {archive} does not exist in the artifact store")
-except OSError as exc:  # an artifact store the pod's uid cannot search reads as "missing" to isfile()
-    sys.exit(f"model archive {archive} cannot be read as uid {os.getuid()}: {exc.strerror}")
-try:
-    with zipfile.ZipFile(archive) as mar:
-        version = str(json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"])
-except (zipfile.BadZipFile, KeyError, ValueError) as exc:
-    sys.exit(f"{archive} is not a TorchServe model archive: {exc}")
-target = os.path.join(store, name + ".mar")
-shutil.copyfile(archive, target + ".part")
-os.replace(target + ".part", target)
-with open(os.path.join(template, "model-settings.json"), encoding="utf-8") as f:
-    settings = json.load(f)
-with open(os.path.join(template, "config.properties"), encoding="utf-8") as f:
-    properties = f.read()
-properties += "models=" + json.dumps({name: {version: settings}}, separators=(",", ":")) + "\\n"
-with open(os.path.join(conf, "config.properties"), "w", encoding="utf-8") as f:
-    f.write(properties)
-print(f"serving {archive} as {name} version {version}")
-'''
-
-PROBE_SCRIPT = '''\
-"""Flow Nexus readiness: the model is registered and at least one worker is READY (describe-model)."""
-import json, os, sys, urllib.request
-
-name, port = os.environ["FLOWNEXUS_MODEL_NAME"], os.environ["FLOWNEXUS_MANAGEMENT_PORT"]
-request = urllib.request.Request(f"http://127.0.0.1:{port}/models/{name}")
-key_file = os.path.join(os.environ["FLOWNEXUS_RUN_DIR"], "key_file.json")
-if os.path.exists(key_file):
-    with open(key_file, encoding="utf-8") as f:
-        request.add_header("Authorization", "Bearer " + json.load(f)["management"]["key"])
-try:
-    with urllib.request.urlopen(request, timeout=3) as resp:
-        models = json.load(resp)
-except Exception as exc:
-    sys.exit(f"describe-model failed: {exc}")
-workers = [w for m in models for w in m.get("workers", [])]
-if not any(w.get("status") == "READY" for w in workers):
-    sys.exit(f"model {name} has no READY worker: {workers}")
-'''
-
-AUTH_PROXY_SCRIPT = '''\
-"""Flow Nexus inference auth proxy: admits requests bearing the Secret's token, forwards them to TorchServe
-on loopback with the pod's own TorchServe inference key. /ping stays open for the liveness probe."""
-import hmac, http.client, http.server, json, os
-
-LISTEN, UPSTREAM = int(os.environ["FLOWNEXUS_PROXY_PORT"]), int(os.environ["FLOWNEXUS_UPSTREAM_PORT"])
-KEY_FILE = os.path.join(os.environ["FLOWNEXUS_RUN_DIR"], "key_file.json")
-with open(os.environ["FLOWNEXUS_TOKEN_FILE"], "rb") as f:
-    EXPECTED = b"Bearer " + f.read().strip()
-HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-authorization", "authorization",
-       "content-length", "host"}
-
-
-def torchserve_key():
-    with open(KEY_FILE, encoding="utf-8") as f:
-        return json.load(f)["inference"]["key"]
-
-
-class Proxy(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def forward(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        given = (self.headers.get("Authorization") or "").encode()
-        if self.path != "/ping" and not hmac.compare_digest(given, EXPECTED):
-            self.reply(401, b'{"code": 401, "message": "missing or wrong bearer token"}', "application/json")
-            return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
-        try:
-            headers["Authorization"] = "Bearer " + torchserve_key()
-            conn = http.client.HTTPConnection("127.0.0.1", UPSTREAM, timeout=300)
-            conn.request(self.command, self.path, body, headers)
-            resp = conn.getresponse()
-            data = resp.read()
-        except Exception as exc:
-            self.reply(503, json.dumps({"code": 503, "message": f"TorchServe unavailable: {exc}"}).encode(),
-                       "application/json")
-            return
-        self.send_response(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in HOP:
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        conn.close()
-
-    def reply(self, code, data, content_type):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = forward
-
-    def log_message(self, *args):
-        pass
-
-
-if __name__ == "__main__":
-    http.server.ThreadingHTTPServer(("0.0.0.0", LISTEN), Proxy).serve_forever()
-'''
-
-
 def build_config_map(ctx: ServingContext) -> Manifest:
     data = {
         "config.properties": config_properties(ctx),
         "model-settings.json": json.dumps(model_settings(ctx), indent=2, sort_keys=True),
-        "prepare.py": PREPARE_SCRIPT,
-        "probe.py": PROBE_SCRIPT,
+        "prepare.py": pod.source("prepare"),
+        "probe.py": pod.source("probe"),
     }
     if ctx.token_auth:
-        data["auth_proxy.py"] = AUTH_PROXY_SCRIPT
+        data["auth_proxy.py"] = pod.source("auth_proxy")
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
