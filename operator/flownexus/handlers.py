@@ -32,6 +32,7 @@ PRIMARY = ("NeuralCluster", "TrainingJob", "ModelDeployment")
 CHILDREN = ("Job", "Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget",
             "NetworkPolicy", "PersistentVolumeClaim")  # fmt: skip
 PART_OF = {"app.kubernetes.io/part-of": "flownexus"}
+COUNT_REFRESH_S = 2.0  # a NeuralCluster's job and deployment counts lag by at most this
 _SETTINGS: Settings | None = None
 
 
@@ -183,7 +184,8 @@ def _observe(event: kopf.RawEvent) -> None:
         was_active, old_phase = before if before is not None else (False, None)
         now_active, phase = after if after is not None else (False, None)
         if was_active != now_active or before is None or after is None:
-            enqueue("NeuralCluster", namespace, cluster)  # its count of active jobs
+            # Its count of active jobs: a burst of jobs starting or ending becomes one pass, not one each.
+            enqueue("NeuralCluster", namespace, cluster, after=COUNT_REFRESH_S)
         if after is None or (was_active and not now_active) or (phase in FINISHED and old_phase not in FINISHED):
             for waiting in rt.admission.waiting_jobs(namespace, cluster):  # a slot may be free
                 enqueue(kind, namespace, waiting)
@@ -197,7 +199,7 @@ def _observe(event: kopf.RawEvent) -> None:
             for o in rt.cache.list(other, namespace, where=lambda o: cluster_of(o) == name):
                 enqueue(other, namespace, o["metadata"]["name"])
     elif before is None or after is None:
-        enqueue("NeuralCluster", namespace, cluster)  # its count of deployments
+        enqueue("NeuralCluster", namespace, cluster, after=COUNT_REFRESH_S)  # its count of deployments
 
 
 def _register() -> None:
