@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,7 +27,7 @@ from ..api.common import Condition, format_validation_error
 from ..meta import set_condition
 from ..metrics import RECONCILE_SECONDS, RECONCILES
 from .cache import Cache, controller_name, controller_uid
-from .client import ApiError, Client, Conflict, Manifest, Ref
+from .client import ApiError, Client, Conflict, Manifest, Ref, path
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -191,28 +190,24 @@ class Controller:
 
     def run_pass(self, kind: str, namespace: str, name: str) -> float | None:
         """One pass; returns when to look again (None: when something changes)."""
-        started, result = time.perf_counter(), "ok"
+        started, result = time.perf_counter(), "error"
         try:
-            requeue = self._pass(self.reconcilers[kind], namespace, name)
+            requeue, result = self._pass(self.reconcilers[kind], namespace, name)
             self._failures.pop((kind, namespace, name), None)
-            if requeue == CONFLICT_RETRY_S:
-                result = "conflict"
             return requeue
-        except Exception:
-            result = "error"
-            raise
         finally:
             RECONCILES.labels(kind, result).inc()
             RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
-    def _pass(self, rec: Reconciler, namespace: str, name: str) -> float | None:
+    def _pass(self, rec: Reconciler, namespace: str, name: str) -> tuple[float | None, str]:
+        """The pass and its result for the metrics: ok, gone, or conflict (decided on a stale object)."""
         obj = self.client.get(rec.kind, namespace, name)
         if obj is None:
             self.cache.remove(rec.kind, namespace, name)
-            return None
+            return None, "gone"
         self.cache.upsert(obj)
         if obj["metadata"].get("deletionTimestamp"):
-            return None
+            return None, "gone"
         try:
             outcome = rec.reconcile(obj)
         except InvalidSpec as exc:
@@ -229,12 +224,12 @@ class Controller:
                     written = self.client.replace_status(obj, {**desired, **pods})
                 except Conflict:
                     log.debug("%s %s/%s: status conflict, deciding again", rec.kind, namespace, name)
-                    return CONFLICT_RETRY_S
+                    return CONFLICT_RETRY_S, "conflict"
                 self.cache.upsert(written)
                 obj = written
         for action in outcome.actions:
             self._act(obj, action)
-        return outcome.requeue_after
+        return outcome.requeue_after, "ok"
 
     # ---- acting on children ----------------------------------------------------------------------
 
@@ -278,7 +273,7 @@ class Controller:
         elif isinstance(action, Patch):
             patched = self.client.request(
                 "PATCH",
-                _path(action.kind, ns, action.name),
+                path(action.kind, ns, action.name),
                 body=action.body,
                 content_type="application/merge-patch+json",
                 kind=action.kind,
@@ -313,19 +308,13 @@ class Controller:
                        "metadata": {"name": name, "namespace": ns}, **action.initial}  # fmt: skip
             applied = self.client.request(
                 "PATCH",
-                _path(kind, ns, name),
+                path(kind, ns, name),
                 query={"fieldManager": INIT_FIELD_MANAGER, "force": "true"},
                 body=initial,
                 content_type="application/apply-patch+yaml",
                 kind=kind,
             )
         self.cache.upsert(applied)
-
-
-def _path(kind: str, ns: str, name: str) -> str:
-    from .client import path
-
-    return path(kind, ns, name)
 
 
 def _own_status(obj: Manifest, rec: Reconciler) -> Manifest:
@@ -344,5 +333,3 @@ def _invalid(obj: Manifest, lines: list[str]) -> Outcome:
     ) == message
     return Outcome(status=status, actions=[] if seen else [Emit("Warning", "InvalidSpec", message)])
 
-
-Mapper = Callable[[Manifest, str], list[tuple[str, str, str]]]
