@@ -217,6 +217,26 @@ def run(label: str, namespace: str, jobs: list[dict[str, Any]], pid: int, is_ope
     return figures
 
 
+def _stamp(obj: dict[str, Any]) -> float:
+    return time.mktime(time.strptime(obj["metadata"]["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def report_latencies(ns: str) -> None:
+    """Where the time goes, per job (1 s resolution: creation timestamps): TrainingJob -> Job -> pod."""
+    tjs = {t["metadata"]["name"]: _stamp(t) for t in get_json("-n", ns, "trainingjobs")["items"]}
+    jobs = {j["metadata"]["name"].removesuffix("-a1"): _stamp(j) for j in get_json("-n", ns, "jobs")["items"]
+            if j["metadata"]["name"].endswith("-a1")}  # fmt: skip
+    pods = {p["metadata"]["labels"]["flownexus.io/trainingjob"]: _stamp(p)
+            for p in get_json("-n", ns, "pods", "-l", "flownexus.io/role=worker")["items"]}  # fmt: skip
+
+    def pct(values: list[float]) -> str:
+        values = sorted(values)
+        return f"p50 {values[len(values) // 2]:.0f} s, p99 {values[int(len(values) * 0.99) - 1]:.0f} s"
+
+    print(f"  TrainingJob -> its Job: {pct([jobs[n] - t for n, t in tjs.items() if n in jobs])}; "
+          f"Job -> its pod: {pct([pods[n] - jobs[n] for n in jobs if n in pods])}")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=500)
@@ -253,6 +273,8 @@ def main() -> int:
 
     if args.only in (None, "flownexus"):
         ns = f"bench-fnx-{stamp}"
+        kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         kubectl("create", "namespace", ns)
         proc = start_flownexus(ns)
         limits = {"maxConcurrentTrainingJobs": min(args.jobs, 1000), "maxWorkersPerJob": 4}
@@ -280,6 +302,7 @@ def main() -> int:
                 lambda: sum(p in {"Succeeded", "Failed"} for p in tj_phases()),
                 args.timeout,
             )  # fmt: skip
+            report_latencies(ns)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 APPLIED_HASH = "flownexus.io/applied-hash"
 INIT_FIELD_MANAGER = "flownexus-operator-init"
 CONFLICT_RETRY_S = 0.5
+# Passes wait on the API server far more than they compute: threads per kind, not cores, bound the rate.
+WORKERS = 16
 ERROR_RETRY_S = (1.0, 60.0)  # first and longest delay of the per-object backoff
 
 
@@ -141,7 +143,7 @@ def manifest_hash(manifest: Manifest) -> str:
 class Controller:
     """Work queues, worker threads and the pass itself, for every registered kind."""
 
-    def __init__(self, client: Client, cache: Cache, reconcilers: list[Reconciler], workers: int = 4) -> None:
+    def __init__(self, client: Client, cache: Cache, reconcilers: list[Reconciler], workers: int = WORKERS) -> None:
         self.client = client
         self.cache = cache
         self.reconcilers = {r.kind: r for r in reconcilers}
