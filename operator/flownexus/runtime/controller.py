@@ -1,12 +1,13 @@
 """The reconcile loop all three kinds share.
 
-One pass of one object: read it fresh -> parse -> observe (children from the watch-fed cache) -> decide
-(the kind's pure function) -> write status, only when it changed and with the resourceVersion that was
-read (a Conflict re-runs the pass) -> act on the children -> post Events. Writing status before acting
-is deliberate: a crash between the two leaves a status that says what was being done, and the next
-pass converges the children to it. Every trigger of an object (its own watch, a child's, a timer) goes
-through one work queue per kind, so an object has one pass at a time; each kind has its own threads, so
-a slow dependency of one kind (Prometheus) never holds up another's passes.
+One pass of one object: read it from the watch-fed cache -> parse -> observe (children from the same
+cache) -> decide (the kind's pure function) -> write status, only when it changed and with the
+resourceVersion that was read (a Conflict re-runs the pass on a freshly read object) -> act on the
+children -> post Events. Writing status before acting is deliberate: a crash between the two leaves a
+status that says what was being done, and the next pass converges the children to it. Every trigger of
+an object (its own watch, a child's, a timer) goes through one work queue per kind, so an object has one
+pass at a time; each kind has its own threads, so a slow dependency of one kind (Prometheus) never holds
+up another's passes.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class Controller:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._failures: dict[tuple[str, str, str], int] = {}
+        self._stale: set[tuple[str, str, str]] = set()
 
     async def start(self) -> None:
         for kind in self.reconcilers:
@@ -203,11 +205,18 @@ class Controller:
 
     def _pass(self, rec: Reconciler, namespace: str, name: str) -> tuple[float | None, str]:
         """The pass and its result for the metrics: ok, gone, or conflict (decided on a stale object)."""
-        obj = self.client.get(rec.kind, namespace, name)
+        key = (rec.kind, namespace, name)
+        if key in self._stale:
+            # The last write conflicted: the cache is behind the API server for this object; read it once.
+            self._stale.discard(key)
+            fresh = self.client.get(rec.kind, namespace, name)
+            if fresh is None:
+                self.cache.remove(rec.kind, namespace, name)
+            else:
+                self.cache.upsert(fresh)
+        obj = self.cache.get(rec.kind, namespace, name)
         if obj is None:
-            self.cache.remove(rec.kind, namespace, name)
             return None, "gone"
-        self.cache.upsert(obj)
         if obj["metadata"].get("deletionTimestamp"):
             return None, "gone"
         try:
@@ -226,6 +235,7 @@ class Controller:
                     written = self.client.replace_status(obj, {**desired, **pods})
                 except Conflict:
                     log.debug("%s %s/%s: status conflict, deciding again", rec.kind, namespace, name)
+                    self._stale.add(key)
                     return CONFLICT_RETRY_S, "conflict"
                 self.cache.upsert(written)
                 obj = written
@@ -334,4 +344,3 @@ def _invalid(obj: Manifest, lines: list[str]) -> Outcome:
         "message"
     ) == message
     return Outcome(status=status, actions=[] if seen else [Emit("Warning", "InvalidSpec", message)])
-
