@@ -10,8 +10,8 @@ import pytest
 from flownexus.api.neuralcluster import NeuralClusterSpec
 from flownexus.api.trainingjob import TrainingJobSpec
 from flownexus.trainingjob.children import (
+    CONFIG_ANNOTATION,
     TrainingContext,
-    build_config_map,
     build_service,
     build_trainer_rbac,
     build_validator_job,
@@ -98,8 +98,14 @@ def test_user_env_is_kept_and_operator_env_wins() -> None:
     assert names[0] == "MY_FLAG" and "FLOWNEXUS_CONFIG" in names
 
 
-def test_config_map_carries_the_spec_and_paths() -> None:
-    cfg = json.loads(build_config_map(ctx())["data"]["config.json"])
+def test_the_pods_config_annotation_carries_the_spec_and_paths_and_becomes_config_json() -> None:
+    for job in (build_worker_job(ctx(), 1), build_validator_job(ctx())):
+        template = job["spec"]["template"]
+        volume = next(v for v in template["spec"]["volumes"] if v["name"] == "config")
+        (item,) = volume["downwardAPI"]["items"]
+        assert item["path"] == "config.json"
+        assert item["fieldRef"]["fieldPath"] == f"metadata.annotations['{CONFIG_ANNOTATION}']"
+    cfg = json.loads(build_worker_job(ctx(), 1)["spec"]["template"]["metadata"]["annotations"][CONFIG_ANNOTATION])
     assert cfg["model"]["architecture"] == "mlp"
     assert cfg["dataset"]["seed"] == 42
     assert cfg["training"]["checkpointEvery"] == 5

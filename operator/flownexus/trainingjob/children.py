@@ -17,6 +17,7 @@ from ..meta import Manifest, OwnedContext, child_metadata
 
 MASTER_PORT = 29500
 CONFIG_DIR = "/etc/flownexus"
+CONFIG_ANNOTATION = "flownexus.io/trainer-config"
 ARTIFACT_ROOT = "/artifacts"
 # The trainer image's unprivileged user (trainer_image/Containerfile.trainer).
 TRAINER_UID = 10001
@@ -45,10 +46,6 @@ class TrainingContext(OwnedContext):
 def service_name(name: str) -> str:
     # Not the bare TrainingJob name: a ModelDeployment of the same name owns that Service name.
     return f"{name}-workers"
-
-
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
 
 
 def service_account_name(name: str) -> str:
@@ -85,13 +82,10 @@ def trainer_config(ctx: TrainingContext) -> dict[str, Any]:
     }
 
 
-def build_config_map(ctx: TrainingContext) -> Manifest:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": child_metadata(ctx.owner, config_map_name(ctx.name), "trainer-config"),
-        "data": {"config.json": json.dumps(trainer_config(ctx), indent=2, sort_keys=True)},
-    }
+def pod_template_metadata(ctx: TrainingContext, labels: dict[str, str]) -> Manifest:
+    """The pods carry the trainer's config in an annotation that a downward-API volume turns into
+    ``config.json``: one object fewer per job than a ConfigMap, and the config is fixed per attempt."""
+    return {"labels": dict(labels), "annotations": {CONFIG_ANNOTATION: json.dumps(trainer_config(ctx), sort_keys=True)}}
 
 
 def build_service(ctx: TrainingContext) -> Manifest:
@@ -160,7 +154,14 @@ def _placement(ctx: TrainingContext) -> Manifest:
 def _volumes(ctx: TrainingContext) -> tuple[list[Manifest], list[Manifest]]:
     volumes: list[Manifest] = [
         {"name": "artifacts", "persistentVolumeClaim": {"claimName": ctx.artifact_claim}},
-        {"name": "config", "configMap": {"name": config_map_name(ctx.name)}},
+        {
+            "name": "config",
+            "downwardAPI": {
+                "items": [
+                    {"path": "config.json", "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}
+                ]
+            },
+        },
         # torch's gloo/shared-memory paths need more than the container default of 64 MiB.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
     ]
@@ -254,7 +255,7 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
         "backoffLimit": 0,
         "suspend": ctx.spec.run_policy.suspend,
         "template": {
-            "metadata": {"labels": dict(meta["labels"])},
+            "metadata": pod_template_metadata(ctx, meta["labels"]),
             "spec": {
                 "subdomain": service_name(ctx.name),
                 "restartPolicy": "Never",
@@ -297,7 +298,7 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
         "spec": {
             "backoffLimit": 1,
             "template": {
-                "metadata": {"labels": dict(meta["labels"])},
+                "metadata": pod_template_metadata(ctx, meta["labels"]),
                 "spec": {
                     "restartPolicy": "Never",
                     # The validator needs no API rights: its verdict travels in the termination message.

@@ -17,7 +17,6 @@ from ..runtime.client import Client
 from ..runtime.controller import Action, Apply, Delete, Emit, Outcome, Patch, parse_spec
 from .children import (
     TrainingContext,
-    build_config_map,
     build_service,
     build_trainer_rbac,
     build_validator_job,
@@ -179,7 +178,7 @@ class TrainingJobReconciler:
         if ctx is not None:
             if plan.create_attempt is not None or plan.create_validator:
                 out += [Apply(m, create_only=True) for m in build_trainer_rbac(ctx)]
-                out += [Apply(build_config_map(ctx)), Apply(build_service(ctx))]
+                out.append(Apply(build_service(ctx)))
             if plan.create_attempt is not None:
                 out.append(Apply(build_worker_job(ctx, plan.create_attempt, _remaining(ctx, plan)), create_only=True))
             if plan.create_validator:
