@@ -277,23 +277,23 @@ def main() -> int:
         kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         kubectl("create", "namespace", ns)
         proc = start_flownexus(ns)
-        limits = {"maxConcurrentTrainingJobs": min(args.jobs, 1000), "maxWorkersPerJob": 4}
-        cluster = {
-            "apiVersion": "flownexus.io/v1alpha1",
-            "kind": "NeuralCluster",
-            "metadata": {"name": "bench"},
-            "spec": {"artifactStore": {"size": "1Gi"}, "training": KWOK_PLACEMENT, "limits": limits},
-        }
-        create_all(ns, [cluster])
-        time.sleep(3)
-
-        def tj_phases() -> list[str]:
-            return [(i.get("status") or {}).get("phase", "") for i in get_json("-n", ns, "trainingjobs")["items"]]
-
-        def worker_pods() -> int:
-            return len(get_json("-n", ns, "pods", "-l", "flownexus.io/role=worker")["items"])
-
         try:
+            limits = {"maxConcurrentTrainingJobs": min(args.jobs, 1000), "maxWorkersPerJob": 4}
+            cluster = {
+                "apiVersion": "flownexus.io/v1alpha1",
+                "kind": "NeuralCluster",
+                "metadata": {"name": "bench"},
+                "spec": {"artifactStore": {"size": "1Gi"}, "training": KWOK_PLACEMENT, "limits": limits},
+            }
+            create_all(ns, [cluster])
+            time.sleep(3)
+
+            def tj_phases() -> list[str]:
+                return [(i.get("status") or {}).get("phase", "") for i in get_json("-n", ns, "trainingjobs")["items"]]
+
+            def worker_pods() -> int:
+                return len(get_json("-n", ns, "pods", "-l", "flownexus.io/role=worker")["items"])
+
             results["Flow Nexus"] = run(
                 "flownexus", ns, [trainingjob(f"tj-{i:04d}") for i in range(args.jobs)], proc.pid,
                 lambda e: str(e.get("userAgent", "")).startswith("flownexus-operator/"),
