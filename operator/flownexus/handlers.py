@@ -75,10 +75,25 @@ def _prime(client: Client, cache: Cache) -> None:
         cache.replace_kind(kind, items)
 
 
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """Kopf keeps an "essence" of every object to detect changes for on.create/on.update handlers; there are
+    none here, so building it (a deep copy per watch event) is skipped and nothing is ever stored."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global RUNTIME
     settings.posting.enabled = False  # our Events come from the passes, after the status write
+    settings.persistence.diffbase_storage = _NoDiffBase()
     # Every watch event is a "handler succeeded" line at INFO otherwise; the passes log what matters.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300

@@ -76,6 +76,11 @@ def test_watch_events_drive_the_trainingjob_and_quiet_objects_cost_no_requests(
     assert requests == [], [(r["verb"], r["requestURI"]) for r in requests]
     assert operator.poll() is None, "the operator exited"
 
+    # Kopf keeps no bookkeeping on our objects: a copy made with `kubectl get -o yaml` is an ordinary new object.
+    meta = h.get("TrainingJob", "digits")["metadata"]
+    assert not meta.get("finalizers"), meta.get("finalizers")
+    assert not [a for a in meta.get("annotations") or {} if "kopf" in a or "last-handled" in a], meta.get("annotations")
+
     # The user deletes the running Job: the watch brings the pass that recreates it.
     h.user.request("DELETE", f"/apis/batch/v1/namespaces/{h.ns}/jobs/digits-a1")
     wait_for("attempt 1's Job again", lambda: h.exists("Job", "digits-a1"))

@@ -40,33 +40,40 @@ def controller_name(obj: Manifest) -> str:
 
 
 class Cache:
-    """Objects by (kind, namespace, name); thread-safe; never hands out its own dicts to mutate."""
+    """Objects by kind, namespace and name; thread-safe; never hands out its own dicts to mutate.
+
+    Stored per (kind, namespace), so that listing one namespace's objects of a kind costs what it returns.
+    """
 
     def __init__(self) -> None:
-        self._objects: dict[Key, Manifest] = {}
+        self._objects: dict[tuple[str, str], dict[str, Manifest]] = {}
         self._lock = threading.Lock()
         self._synced: set[str] = set()
 
     def upsert(self, obj: Manifest) -> bool:
         """Store ``obj`` unless a newer version is already there; True when it changed the store."""
-        key = key_of(obj)
+        kind, namespace, name = key_of(obj)
         with self._lock:
-            current = self._objects.get(key)
+            bucket = self._objects.setdefault((kind, namespace), {})
+            current = bucket.get(name)
             if current is not None and _rv(current) > _rv(obj):
                 return False
-            self._objects[key] = obj
+            bucket[name] = obj
             return True
 
     def remove(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
-            self._objects.pop((kind, namespace, name), None)
+            self._objects.get((kind, namespace), {}).pop(name, None)
 
     def replace_kind(self, kind: str, objects: Iterable[Manifest]) -> None:
         """The result of a LIST: the kind's whole content (objects gone meanwhile disappear)."""
-        fresh = {key_of(o): o for o in objects}
+        fresh: dict[tuple[str, str], dict[str, Manifest]] = {}
+        for obj in objects:
+            k, namespace, name = key_of(obj)
+            fresh.setdefault((k, namespace), {})[name] = obj
         with self._lock:
-            for key in [k for k in self._objects if k[0] == kind and k not in fresh]:
-                del self._objects[key]
+            for bucket in [b for b in self._objects if b[0] == kind]:
+                del self._objects[bucket]
             self._objects.update(fresh)
             self._synced.add(kind)
 
@@ -75,13 +82,14 @@ class Cache:
 
     def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
         with self._lock:
-            return self._objects.get((kind, namespace, name))
+            return self._objects.get((kind, namespace), {}).get(name)
 
     def list(
         self, kind: str, namespace: str | None = None, where: Callable[[Manifest], bool] | None = None
     ) -> list[Manifest]:
         with self._lock:
-            objs = [
-                o for (k, ns, _), o in self._objects.items() if k == kind and (namespace is None or ns == namespace)
-            ]
+            if namespace is not None:
+                objs = list(self._objects.get((kind, namespace), {}).values())
+            else:
+                objs = [o for (k, _), bucket in self._objects.items() if k == kind for o in bucket.values()]
         return [o for o in objs if where is None or where(o)]
