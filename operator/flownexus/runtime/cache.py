@@ -29,6 +29,21 @@ def _rv(obj: Manifest) -> int:
         return 0
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def slim(obj: Manifest) -> Manifest:
+    """What the operator keeps of an object: without managedFields and kubectl's copy of the last applied
+    spec, which no pass reads and which are most of the bytes of a stored object."""
+    meta = obj.get("metadata") or {}
+    if "managedFields" not in meta and LAST_APPLIED not in (meta.get("annotations") or {}):
+        return obj
+    kept = {k: v for k, v in meta.items() if k != "managedFields"}
+    if LAST_APPLIED in (meta.get("annotations") or {}):
+        kept["annotations"] = {k: v for k, v in meta["annotations"].items() if k != LAST_APPLIED}
+    return {**obj, "metadata": kept}
+
+
 def controller_uid(obj: Manifest) -> str | None:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return next((r.get("uid") for r in refs if r.get("controller")), None)
@@ -52,6 +67,7 @@ class Cache:
 
     def upsert(self, obj: Manifest) -> bool:
         """Store ``obj`` unless a newer version is already there; True when it changed the store."""
+        obj = slim(obj)
         kind, namespace, name = key_of(obj)
         with self._lock:
             bucket = self._objects.setdefault((kind, namespace), {})
@@ -70,7 +86,7 @@ class Cache:
         fresh: dict[tuple[str, str], dict[str, Manifest]] = {}
         for obj in objects:
             k, namespace, name = key_of(obj)
-            fresh.setdefault((k, namespace), {})[name] = obj
+            fresh.setdefault((k, namespace), {})[name] = slim(obj)
         with self._lock:
             for bucket in [b for b in self._objects if b[0] == kind]:
                 del self._objects[bucket]
