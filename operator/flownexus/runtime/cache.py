@@ -33,15 +33,17 @@ LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 def slim(obj: Manifest) -> Manifest:
-    """What the operator keeps of an object: without managedFields and kubectl's copy of the last applied
-    spec, which no pass reads and which are most of the bytes of a stored object."""
+    """What the operator keeps of an object: without managedFields, kubectl's copy of the last applied spec,
+    and a Job's pod template, which no pass reads and which are most of the bytes of a stored object (the
+    cache holds two Jobs per TrainingJob)."""
     meta = obj.get("metadata") or {}
-    if "managedFields" not in meta and LAST_APPLIED not in (meta.get("annotations") or {}):
-        return obj
     kept = {k: v for k, v in meta.items() if k != "managedFields"}
     if LAST_APPLIED in (meta.get("annotations") or {}):
         kept["annotations"] = {k: v for k, v in meta["annotations"].items() if k != LAST_APPLIED}
-    return {**obj, "metadata": kept}
+    out = {**obj, "metadata": kept}
+    if obj.get("kind") == "Job" and "template" in (obj.get("spec") or {}):
+        out["spec"] = {k: v for k, v in obj["spec"].items() if k != "template"}
+    return out
 
 
 def controller_uid(obj: Manifest) -> str | None:
