@@ -162,21 +162,37 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def audit_offset() -> int:
-    return AUDIT_LOG.stat().st_size if AUDIT_LOG.exists() else 0
+def audit_offset() -> tuple[int, int]:
+    """Where the audit log is now: (inode, size). The API server rotates it at --audit-log-maxsize."""
+    st = AUDIT_LOG.stat()
+    return st.st_ino, st.st_size
 
 
-def requests_since(offset: int, is_operator: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+def _audit_lines_since(mark: tuple[int, int]) -> list[str]:
+    inode, offset = mark
+    files: list[tuple[Path, int]] = []
+    if AUDIT_LOG.stat().st_ino != inode:  # rotated meanwhile: the old file is the newest audit-*.log backup
+        rotated = [p for p in AUDIT_LOG.parent.glob("audit-*.log") if p.stat().st_ino == inode]
+        files += [(p, offset) for p in rotated]
+        offset = 0
+    files.append((AUDIT_LOG, offset))
+    lines: list[str] = []
+    for path, start in files:
+        with path.open() as f:
+            f.seek(start)
+            lines += f.readlines()
+    return lines
+
+
+def requests_since(mark: tuple[int, int], is_operator: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
     out = []
-    with AUDIT_LOG.open() as f:
-        f.seek(offset)
-        for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("stage") == "ResponseComplete" and event.get("verb") != "watch" and is_operator(event):
-                out.append(event)
+    for line in _audit_lines_since(mark):
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("stage") == "ResponseComplete" and event.get("verb") != "watch" and is_operator(event):
+            out.append(event)
     return out
 
 
