@@ -33,6 +33,7 @@ CHILDREN = ("Job", "Deployment", "Service", "ConfigMap", "HorizontalPodAutoscale
             "NetworkPolicy", "PersistentVolumeClaim")  # fmt: skip
 PART_OF = {"app.kubernetes.io/part-of": "flownexus"}
 COUNT_REFRESH_S = 2.0  # a NeuralCluster's job and deployment counts lag by at most this
+RESYNC_S = 300.0  # how often every kind is re-listed
 _SETTINGS: Settings | None = None
 
 
@@ -48,6 +49,7 @@ class Runtime:
     cache: Cache
     controller: Controller
     admission: Admission
+    resync: asyncio.Task[None]
 
 
 RUNTIME: Runtime | None = None
@@ -62,17 +64,42 @@ def _in_scope(namespace: str) -> bool:
     return not patterns or any(fnmatch.fnmatch(namespace, p) for p in patterns)
 
 
-def _prime(client: Client, cache: Cache) -> None:
-    """LIST every kind once before any pass runs, so that no pass mistakes an unseen child for a missing one."""
+def _prime(client: Client, cache: Cache) -> list[tuple[str, str, str]]:
+    """LIST every kind: at start, before any pass runs, so that no pass mistakes an unseen child for a missing
+    one; then every RESYNC_S, so that a deletion the watch missed (across a reconnect) does not linger.
+    Returns what disappeared."""
     plain = [p for p in _namespaces() if not any(ch in p for ch in "*?[")]
     per_namespace = bool(plain) and len(plain) == len(_namespaces())
+    gone = []
     for kind in (*PRIMARY, *CHILDREN):
         selector = "" if kind in (*PRIMARY, "PersistentVolumeClaim") else "app.kubernetes.io/part-of=flownexus"
         if per_namespace:
-            items = [o for ns in plain for o in client.list(kind, ns, selector)]
+            lists = [client.list_at(kind, ns, selector) for ns in plain]
         else:
-            items = [o for o in client.list(kind, None, selector) if _in_scope(o["metadata"].get("namespace", ""))]
-        cache.replace_kind(kind, items)
+            items, at = client.list_at(kind, None, selector)
+            lists = [([o for o in items if _in_scope(o["metadata"].get("namespace", ""))], at)]
+        items = [o for batch, _ in lists for o in batch]
+        gone += cache.replace_kind(kind, items, min(at for _, at in lists))
+    return gone
+
+
+async def _resync(client: Client, cache: Cache, controller: Controller) -> None:
+    """Periodically re-list; the objects whose children vanished unseen get a pass."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(RESYNC_S)
+        try:
+            gone = await loop.run_in_executor(None, _prime, client, cache)
+        except Exception:
+            log.exception("resync failed; next try in %.0fs", RESYNC_S)
+            continue
+        for kind, namespace, name in gone:
+            if kind in PRIMARY:
+                _SEEN.pop((kind, namespace, name), None)
+                continue
+            for owner_kind in ("TrainingJob", "ModelDeployment", "NeuralCluster"):
+                for owner in cache.list(owner_kind, namespace):
+                    controller.enqueue(owner_kind, namespace, owner["metadata"]["name"])
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):
@@ -111,7 +138,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     await asyncio.get_running_loop().run_in_executor(None, _prime, client, cache)
     await controller.start()
-    RUNTIME = Runtime(client, cache, controller, admission)
+    RUNTIME = Runtime(client, cache, controller, admission, asyncio.create_task(_resync(client, cache, controller)))
     for kind in PRIMARY:
         for obj in cache.list(kind):
             controller.enqueue(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
@@ -122,6 +149,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     if RUNTIME is not None:
+        RUNTIME.resync.cancel()
         await RUNTIME.controller.stop()
 
 

@@ -81,7 +81,7 @@ class Harness:
 
     def sync(self) -> None:
         for kind in KINDS:
-            self.cache.replace_kind(kind, self.client.list(kind, self.ns))
+            self.cache.replace_kind(kind, *self.client.list_at(kind, self.ns))
 
     def reconcile(self, kind: str, name: str) -> float | None:
         self.sync()

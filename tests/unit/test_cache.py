@@ -36,8 +36,24 @@ def test_an_older_version_never_replaces_a_newer_one() -> None:
 
 def test_list_is_per_namespace_and_replace_kind_drops_what_is_gone() -> None:
     cache = Cache()
-    cache.replace_kind("Job", [job("1", "a"), job("1", "b", "other")])
+    cache.replace_kind("Job", [job("1", "a"), job("1", "b", "other")], listed_at=1)
     assert [o["metadata"]["name"] for o in cache.list("Job", "default")] == ["a"]
     assert len(cache.list("Job")) == 2
-    cache.replace_kind("Job", [job("2", "b", "other")])
-    assert cache.get("Job", "default", "a") is None and cache.synced("Job")
+    cache.replace_kind("Job", [job("2", "b", "other")], listed_at=2)
+    assert cache.get("Job", "default", "a") is None
+
+
+def test_a_relist_drops_objects_deleted_unseen_but_keeps_what_the_watch_saw_after_the_list() -> None:
+    cache = Cache()
+    cache.replace_kind("Job", [job("5", "ghost"), job("5", "kept")], listed_at=5)
+    cache.upsert(job("9", "born-after-the-list"))
+    cache.upsert(job("12", "kept"))  # the watch brought a newer version than the list will have
+    gone = cache.replace_kind("Job", [job("8", "kept")], listed_at=10)
+    assert sorted(gone) == [("Job", "default", "born-after-the-list"), ("Job", "default", "ghost")]
+    assert cache.get("Job", "default", "ghost") is None
+    assert cache.get("Job", "default", "kept")["metadata"]["resourceVersion"] == "12"  # type: ignore[index]
+    born = cache.get("Job", "default", "born-after-the-list")
+    assert born is None  # created at 9 < 10 and absent from the list: deleted before the list was served
+    cache.upsert(job("11", "newer"))
+    cache.replace_kind("Job", [job("8", "kept")], listed_at=10)
+    assert cache.get("Job", "default", "newer") is not None  # created after the list was served: kept

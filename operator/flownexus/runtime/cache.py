@@ -65,7 +65,6 @@ class Cache:
     def __init__(self) -> None:
         self._objects: dict[tuple[str, str], dict[str, Manifest]] = {}
         self._lock = threading.Lock()
-        self._synced: set[str] = set()
 
     def upsert(self, obj: Manifest) -> bool:
         """Store ``obj`` unless a newer version is already there; True when it changed the store."""
@@ -83,20 +82,29 @@ class Cache:
         with self._lock:
             self._objects.get((kind, namespace), {}).pop(name, None)
 
-    def replace_kind(self, kind: str, objects: Iterable[Manifest]) -> None:
-        """The result of a LIST: the kind's whole content (objects gone meanwhile disappear)."""
+    def replace_kind(self, kind: str, objects: Iterable[Manifest], listed_at: int) -> list[Key]:
+        """The result of a LIST served at resourceVersion ``listed_at``: the kind's whole content.
+
+        Objects the list no longer has disappear (a deletion the watch missed, e.g. across a reconnect),
+        unless the cache saw them after the list was served; a cached version newer than the listed one
+        stays. Returns the keys that disappeared.
+        """
         fresh: dict[tuple[str, str], dict[str, Manifest]] = {}
         for obj in objects:
             k, namespace, name = key_of(obj)
             fresh.setdefault((k, namespace), {})[name] = slim(obj)
+        gone: list[Key] = []
         with self._lock:
-            for bucket in [b for b in self._objects if b[0] == kind]:
-                del self._objects[bucket]
+            for bucket_key in [b for b in self._objects if b[0] == kind]:
+                old, new = self._objects[bucket_key], fresh.setdefault(bucket_key, {})
+                for name, cached in old.items():
+                    listed = new.get(name)
+                    if listed is None and _rv(cached) <= listed_at:
+                        gone.append((kind, bucket_key[1], name))
+                    elif listed is None or _rv(cached) > _rv(listed):
+                        new[name] = cached
             self._objects.update(fresh)
-            self._synced.add(kind)
-
-    def synced(self, kind: str) -> bool:
-        return kind in self._synced
+        return gone
 
     def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
         with self._lock:

@@ -22,6 +22,7 @@ from .. import __version__
 
 log = logging.getLogger(__name__)
 Manifest = dict[str, Any]
+Manifests = list[Manifest]  # (a method named list shadows the builtin inside Client)
 FIELD_MANAGER = "flownexus-operator"
 USER_AGENT = f"flownexus-operator/{__version__}"
 TIMEOUT_S = 30.0
@@ -171,15 +172,19 @@ class Client:
         except NotFound:
             return None
 
-    def list(self, kind: str, namespace: str | None = None, label_selector: str = "") -> list[Manifest]:
+    def list(self, kind: str, namespace: str | None = None, label_selector: str = "") -> Manifests:
+        return self.list_at(kind, namespace, label_selector)[0]
+
+    def list_at(self, kind: str, namespace: str | None = None, label_selector: str = "") -> tuple[Manifests, int]:
+        """The objects and the resourceVersion the list was served at."""
         query = {"labelSelector": label_selector} if label_selector else None
         result = self.request("GET", path(kind, namespace), query=query, kind=kind)
-        items: list[Manifest] = result.get("items") or []
+        items: Manifests = result.get("items") or []
         api_version = PLURALS[kind][0]
         for item in items:  # list items come without apiVersion/kind
             item.setdefault("apiVersion", api_version)
             item.setdefault("kind", kind)
-        return items
+        return items, int((result.get("metadata") or {}).get("resourceVersion") or 0)
 
     def apply(self, manifest: Manifest) -> Manifest:
         """Server-side apply: the manifest states every field this operator owns on the object."""
