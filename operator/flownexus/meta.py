@@ -60,8 +60,15 @@ def child_metadata(owner: Manifest, name: str, component: str, **extra_labels: s
     }
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # how status fields hold times (RFC 3339, UTC, seconds)
+
+
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=UTC) if value else None
 
 
 def set_condition(

@@ -21,11 +21,10 @@ from ..api.modeldeployment import (
     ModelDeploymentStatus,
     ServedVersion,
 )
-from ..meta import set_condition
+from ..meta import TIME_FORMAT, parse_time, set_condition
 from ..prometheus import NoData, QueryResult
 from .children import achieved_weight, canary_replicas, max_replicas
 
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 HISTORY_LIMIT = 50  # entries kept in status.history
 
 
@@ -130,10 +129,6 @@ class Plan:
 
 def now_str(now: datetime) -> str:
     return now.astimezone(UTC).strftime(TIME_FORMAT)
-
-
-def parse_time(value: str | None) -> datetime | None:
-    return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=UTC) if value else None
 
 
 def parse_duration(value: str) -> float:

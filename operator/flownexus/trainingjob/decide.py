@@ -5,12 +5,12 @@ a plan out. Table-tested without a cluster; a restarted operator takes the same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from ..api.trainingjob import Artifacts, TrainingJobSpec, TrainingJobStatus, ValidationResult
-from ..meta import Manifest, now, set_condition
+from ..meta import Manifest, now, parse_time, set_condition
 
 FINISHED = {"Succeeded", "Failed"}
 
@@ -112,10 +112,6 @@ class Plan:
     delete_self: bool = False
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if value else None
-
-
 def _phase(plan: Plan, phase: str, reason: str, message: str, generation: int | None) -> None:
     st = plan.status
     if st.phase != phase:
@@ -148,7 +144,7 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
     # job is never pinned by a later change of its NeuralCluster.
 
     deadline = spec.run_policy.active_deadline_seconds
-    started = _parse_time(st.start_time)
+    started = parse_time(st.start_time)
     if deadline and started and (obs.now - started).total_seconds() > deadline:
         plan.delete_attempt = attempt
         plan.delete_validator = True
@@ -335,7 +331,7 @@ def _fail(plan: Plan, reason: str, message: str, generation: int | None) -> Plan
 
 def _after_finish(spec: TrainingJobSpec, plan: Plan, obs: Observed) -> Plan:
     ttl = spec.run_policy.ttl_seconds_after_finished
-    finished = _parse_time(plan.status.completion_time)
+    finished = parse_time(plan.status.completion_time)
     if ttl is not None and finished is not None:
         left = ttl - (obs.now - finished).total_seconds()
         if left <= 0:

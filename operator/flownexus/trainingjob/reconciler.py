@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..api.trainingjob import TrainingJobSpec, TrainingJobStatus
-from ..meta import Manifest
+from ..meta import Manifest, parse_time
 from ..neuralcluster.reconciler import ClusterView, cluster_view
 from ..runtime.cache import Cache, controller_uid
 from ..runtime.client import Client
@@ -29,7 +29,6 @@ from .decide import (
     JobState,
     Observed,
     Plan,
-    _parse_time,
     cluster_of,
     decide,
     is_waiting,
@@ -194,7 +193,7 @@ class TrainingJobReconciler:
 
 def _remaining(ctx: TrainingContext, plan: Plan) -> int | None:
     deadline = ctx.spec.run_policy.active_deadline_seconds
-    started = _parse_time(plan.status.start_time)
+    started = parse_time(plan.status.start_time)
     if deadline and started:
         return int(deadline - (datetime.now(UTC) - started).total_seconds())
     return None
