@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .api.common import Condition
+from .api.common import Condition, Placement
 
 Manifest = dict[str, Any]
 PART_OF = "flownexus"
@@ -48,6 +48,16 @@ def owner_reference(owner: Manifest) -> Manifest:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def pod_placement(placement: Placement) -> Manifest:
+    """A pod spec's nodeSelector and tolerations from a NeuralCluster's training or serving placement."""
+    out: Manifest = {}
+    if placement.node_selector:
+        out["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        out["tolerations"] = [t.to_wire() for t in placement.tolerations]
+    return out
 
 
 def child_metadata(owner: Manifest, name: str, component: str, **extra_labels: str) -> Manifest:

@@ -19,7 +19,7 @@ from typing import Literal
 
 from ..api.modeldeployment import ModelDeploymentSpec
 from ..api.neuralcluster import NeuralClusterSpec
-from ..meta import Manifest, OwnedContext, child_metadata
+from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
 from . import pod
 
 Track = Literal["stable", "canary"]
@@ -211,15 +211,6 @@ def selector_labels(name: str, track: Track | None = None) -> dict[str, str]:
     return selector
 
 
-def _placement(ctx: ServingContext) -> Manifest:
-    placement: Manifest = {}
-    if ctx.cluster.serving.node_selector:
-        placement["nodeSelector"] = dict(ctx.cluster.serving.node_selector)
-    if ctx.cluster.serving.tolerations:
-        placement["tolerations"] = [t.to_wire() for t in ctx.cluster.serving.tolerations]
-    return placement
-
-
 def _exec_probe(period: int, failures: int, timeout: int = 5) -> Manifest:
     return {
         "exec": {"command": ["python", f"{TEMPLATE_DIR}/probe.py"]},
@@ -382,7 +373,7 @@ def build_deployment(
                     "seccompProfile": {"type": "RuntimeDefault"},
                 },
                 "terminationGracePeriodSeconds": 30,
-                **_placement(ctx),
+                **pod_placement(ctx.cluster.serving),
                 "initContainers": [_prepare_container(ctx, model)],
                 "containers": containers,
                 "volumes": volumes,

@@ -13,7 +13,7 @@ from typing import Any
 from .. import API_VERSION
 from ..api.neuralcluster import NeuralClusterSpec
 from ..api.trainingjob import TrainingJobSpec
-from ..meta import Manifest, OwnedContext, child_metadata
+from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
 
 MASTER_PORT = 29500
 CONFIG_DIR = "/etc/flownexus"
@@ -142,15 +142,6 @@ def _resources(ctx: TrainingContext) -> Manifest:
     return wire
 
 
-def _placement(ctx: TrainingContext) -> Manifest:
-    placement: Manifest = {}
-    if ctx.cluster.training.node_selector:
-        placement["nodeSelector"] = dict(ctx.cluster.training.node_selector)
-    if ctx.cluster.training.tolerations:
-        placement["tolerations"] = [t.to_wire() for t in ctx.cluster.training.tolerations]
-    return placement
-
-
 def _volumes(ctx: TrainingContext) -> tuple[list[Manifest], list[Manifest]]:
     volumes: list[Manifest] = [
         {"name": "artifacts", "persistentVolumeClaim": {"claimName": ctx.artifact_claim}},
@@ -261,7 +252,7 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
                 "restartPolicy": "Never",
                 "serviceAccountName": service_account_name(ctx.name),
                 "securityContext": _pod_security(),
-                **_placement(ctx),
+                **pod_placement(ctx.cluster.training),
                 "initContainers": [_prepare_run_dir(ctx, mounts)],
                 "containers": [
                     {
@@ -304,7 +295,7 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
                     # The validator needs no API rights: its verdict travels in the termination message.
                     "automountServiceAccountToken": False,
                     "securityContext": _pod_security(),
-                    **_placement(ctx),
+                    **pod_placement(ctx.cluster.training),
                     "initContainers": [_prepare_run_dir(ctx, mounts)],
                     "containers": [
                         {
