@@ -547,6 +547,11 @@ def test_good_canary_is_promoted_through_every_step_under_load(serving: Serving)
     assert not failures, f"{len(failures)} failed requests during a good canary: {failures[:5]}"
 
 
+def selects_stable_only(serving: Serving) -> bool:
+    selector = serving.cluster.get("-n", serving.namespace, "service", MD)["spec"]["selector"]
+    return bool(selector.get("flownexus.io/track") == "stable")
+
+
 def test_bad_canary_is_rolled_back_in_time_and_stable_never_fails(serving: Serving) -> None:
     url = f"{serving.service_url()}/predictions/{MD}"
     with Load(url, threads=3, pause_s=0.05, max_seconds=ROLLOUT_TIMEOUT_S + 120) as load:
@@ -556,6 +561,10 @@ def test_bad_canary_is_rolled_back_in_time_and_stable_never_fails(serving: Servi
         serving.wait("the canary to start", lambda st: st.get("phase") == "Canary")
         serving.wait("the rollback", lambda st: st.get("phase") == "RolledBack")
         rolled_back = time.monotonic()
+        # The operator records the rollback first, then routes (so that a crash in between still finishes the
+        # runbook): traffic leaves the canary from the moment the Service selects stable only.
+        wait_until("the Service to select stable only", lambda: selects_stable_only(serving), 30, 0.2)
+        routed = time.monotonic()
         time.sleep(10)  # keep the load on: after the rollback every request must succeed
     failures = load.failures()
     assert failures, "the broken canary never answered a request"
@@ -572,7 +581,7 @@ def test_bad_canary_is_rolled_back_in_time_and_stable_never_fails(serving: Servi
     # errors, no timeouts) ...
     assert {(r.status, "Prediction failed" in r.detail) for r in failures} == {(503, True)}, failures[:5]
     # ... none after the rollback (kube-proxy needs a moment to drop the canary's endpoints) ...
-    late = load.failures(since=rolled_back + 2)
+    late = load.failures(since=routed + 2)
     assert not late, f"{len(late)} failures after the rollback: {late[:5]}"
     # ... and the stable pods answered no 5xx at all (their own counters, scraped directly).
     for pod in serving.pods("stable"):
