@@ -113,12 +113,7 @@ class Harness:
         return self.user.get(kind, self.ns, name) is not None
 
     def patch(self, kind: str, name: str, body: Manifest, subresource: str | None = None) -> Manifest:
-        from flownexus.runtime.client import path
-
-        return self.user.request(
-            "PATCH", path(kind, self.ns, name, subresource), body=body, content_type="application/merge-patch+json",
-            kind=kind,
-        )  # fmt: skip
+        return self.user.merge_patch(kind, self.ns, name, body, subresource)
 
     def set_status(self, kind: str, name: str, status: Manifest) -> Manifest:
         return self.patch(kind, name, {"status": status}, "status")

@@ -186,17 +186,26 @@ class Client:
             item.setdefault("kind", kind)
         return items, int((result.get("metadata") or {}).get("resourceVersion") or 0)
 
-    def apply(self, manifest: Manifest) -> Manifest:
-        """Server-side apply: the manifest states every field this operator owns on the object."""
+    def apply(self, manifest: Manifest, field_manager: str = FIELD_MANAGER) -> Manifest:
+        """Server-side apply: the manifest states every field ``field_manager`` owns on the object."""
         kind, meta = manifest["kind"], manifest["metadata"]
         return self.request(
             "PATCH",
             path(kind, meta["namespace"], meta["name"]),
-            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            query={"fieldManager": field_manager, "force": "true"},
             body=manifest,
             content_type="application/apply-patch+yaml",
             kind=kind,
         )
+
+    def merge_patch(
+        self, kind: str, namespace: str, name: str, body: Manifest, subresource: str | None = None
+    ) -> Manifest:
+        """A JSON merge patch (``None`` values remove keys)."""
+        return self.request(
+            "PATCH", path(kind, namespace, name, subresource), body=body, content_type="application/merge-patch+json",
+            kind=kind,
+        )  # fmt: skip
 
     def delete(self, ref: Ref, propagation: str = "Background") -> bool:
         """Delete exactly the object ``ref`` names (uid precondition); False when it was already gone."""

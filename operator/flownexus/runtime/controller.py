@@ -28,7 +28,7 @@ from ..api.common import Condition, format_validation_error
 from ..meta import set_condition
 from ..metrics import RECONCILE_SECONDS, RECONCILES
 from .cache import Cache, controller_name, controller_uid
-from .client import ApiError, Client, Conflict, Manifest, Ref, path
+from .client import ApiError, Client, Conflict, Manifest, Ref
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -225,12 +225,10 @@ class Controller:
             outcome = _invalid(obj, exc.lines)
         outcome = self._check_ownership(obj, outcome)
 
-        current = obj.get("status") or {}
         if outcome.status is not None:
-            mine = {k: v for k, v in current.items() if k not in rec.pod_owned_status}
             desired = {k: v for k, v in outcome.status.items() if k not in rec.pod_owned_status}
-            if desired != mine:
-                pods = {k: v for k, v in current.items() if k in rec.pod_owned_status}
+            if desired != _own_status(obj, rec):
+                pods = {k: v for k, v in (obj.get("status") or {}).items() if k in rec.pod_owned_status}
                 try:
                     written = self.client.replace_status(obj, {**desired, **pods})
                 except Conflict:
@@ -283,14 +281,7 @@ class Controller:
         elif isinstance(action, Apply):
             self._apply(ns, action)
         elif isinstance(action, Patch):
-            patched = self.client.request(
-                "PATCH",
-                path(action.kind, ns, action.name),
-                body=action.body,
-                content_type="application/merge-patch+json",
-                kind=action.kind,
-            )
-            self.cache.upsert(patched)
+            self.cache.upsert(self.client.merge_patch(action.kind, ns, action.name, action.body))
         else:
             child = self.cache.get(action.kind, ns, action.name)
             if child is None:
@@ -318,14 +309,7 @@ class Controller:
         if cached is None and action.initial is not None:
             initial = {"apiVersion": manifest["apiVersion"], "kind": kind,
                        "metadata": {"name": name, "namespace": ns}, **action.initial}  # fmt: skip
-            applied = self.client.request(
-                "PATCH",
-                path(kind, ns, name),
-                query={"fieldManager": INIT_FIELD_MANAGER, "force": "true"},
-                body=initial,
-                content_type="application/apply-patch+yaml",
-                kind=kind,
-            )
+            applied = self.client.apply(initial, INIT_FIELD_MANAGER)
         self.cache.upsert(applied)
 
 
