@@ -3,7 +3,7 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)
 
-.PHONY: help install crds chart-crds verify lint typecheck test test-unit test-integration test-e2e \
+.PHONY: help install crds chart-crds verify lint typecheck test test-unit test-integration test-e2e test-reliability \
         cluster-up cluster-down cluster-status demo clean
 
 help:  ## list the targets
@@ -12,17 +12,19 @@ help:  ## list the targets
 install:  ## install the project with every extra (operator, trainer, dev) in editable mode
 	$(PYTHON) -m pip install -e '.[operator,trainer,dev]'
 
-crds:  ## regenerate crds/ from the pydantic API types, and the chart's copy
+crds:  ## regenerate crds/ and policies/ from the pydantic API types, and the chart's copies
 	$(PYTHON) -m flownexus.crdgen --out crds
+	$(PYTHON) -m flownexus.policies --out policies
 	$(MAKE) --no-print-directory chart-crds
 
 chart-crds:
-	mkdir -p helm/flownexus/crds
+	mkdir -p helm/flownexus/crds helm/flownexus/policies
 	cp crds/*.yaml helm/flownexus/crds/
+	cp policies/*.yaml helm/flownexus/policies/
 
 verify: crds lint typecheck  ## regenerate everything generated; fail on any drift, lint or type error
-	@git add -N crds helm >/dev/null 2>&1 || true
-	@if ! git diff --exit-code --stat -- crds helm; then \
+	@git add -N crds policies helm >/dev/null 2>&1 || true
+	@if ! git diff --exit-code --stat -- crds policies helm; then \
 		echo "generated files drifted from the API types: run 'make crds' and commit"; exit 1; fi
 	@echo "verify: generated files match the API types"
 
@@ -41,6 +43,9 @@ test-integration:
 
 test-e2e:
 	$(PYTHON) -m pytest tests/e2e -m e2e $(PYTEST_ARGS)
+
+test-reliability:  ## SIGKILL the operator mid-run, restart the API server (dev cluster; docs/RELIABILITY.md)
+	$(PYTHON) -m pytest tests/reliability -m reliability -s $(PYTEST_ARGS)
 
 test: verify  ## lint, types, generated-file drift, then every test (unit, integration, e2e)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from . import build, host, images, manifests, node_config, pki, procs
+from . import build, host, images, manifests, node_config, pki, procs, provisioner
 from .config import (
     APISERVER_PORT,
     AUDIT_POLICY,
@@ -38,6 +39,7 @@ PROCESSES = [
     "kubelet",
     "kube-proxy",
     "kwok",
+    "provisioner",
 ]
 
 
@@ -194,8 +196,6 @@ def _start_control_plane(layout: Layout, node_ip: str) -> None:
             f"--cluster-cidr={POD_CIDR}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--controllers=*,bootstrapsigner,tokencleaner",
-            # The default StorageClass's provisioner (see manifests.default_storage_class).
-            "--enable-hostpath-provisioner=true",
             # Faster HPA decisions and quicker release of deleted pods' volumes in tests.
             "--horizontal-pod-autoscaler-sync-period=5s",
         ],
@@ -238,6 +238,21 @@ def _start_node(layout: Layout, node_ip: str) -> None:
     procs.start(
         layout, "kube-proxy", [layout.k8s("kube-proxy"), f"--config={layout.conf / 'kube-proxy.yaml'}", "--v=1"]
     )
+
+
+def _start_provisioner(layout: Layout) -> None:
+    """The default StorageClass's provisioner (dev/localcluster/provisioner.py). A StorageClass's provisioner
+    cannot change, so one left by an older `up` (kube-controller-manager's hostPath provisioner) is replaced."""
+    procs.start(
+        layout,
+        "provisioner",
+        [sys.executable, "-m", "dev.localcluster.provisioner", "--root", layout.var / "volumes"],
+        env={"PYTHONPATH": str(layout.repo)},
+    )
+    current = kubectl(layout, "get", "storageclass", provisioner.STORAGE_CLASS, "-o", "jsonpath={.provisioner}",
+                      check=False).strip()  # fmt: skip
+    if current and current != provisioner.PROVISIONER:
+        kubectl(layout, "delete", "storageclass", provisioner.STORAGE_CLASS)
 
 
 def _node_ready(layout: Layout) -> bool:
@@ -297,6 +312,7 @@ def up(layout: Layout, fake_nodes: int = 2, fake_gpu_nodes: int = 1, timeout: fl
     coredns = images.build_binary_image(layout, "coredns", [layout.binary("coredns")])
     metrics = images.build_binary_image(layout, "metrics-server", [layout.binary("metrics-server")])
     wait_for(f"node {NODE_NAME} Ready", lambda: _node_ready(layout), timeout, layout)
+    _start_provisioner(layout)
     _apply(layout, manifests.coredns(coredns) + manifests.metrics_server(metrics) + manifests.default_storage_class())
     procs.start(
         layout,
@@ -360,7 +376,7 @@ def down(layout: Layout, purge_images: bool = False) -> list[str]:
         log(f"the cluster running here belongs to {owner}; leaving it alone")
         return []
     problems: list[str] = []
-    for name in ("kwok", "kube-proxy", "kubelet"):
+    for name in ("provisioner", "kwok", "kube-proxy", "kubelet"):
         procs.stop(layout, name)
     if layout.k8s("kube-proxy").exists():
         # kube-proxy knows its own rules best; our generic sweep below catches whatever it leaves.

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from .config import CLUSTER_DOMAIN, DNS_SERVICE_IP
+from .provisioner import PROVISIONER, STORAGE_CLASS
 
 Obj = dict[str, Any]
 
@@ -242,7 +243,7 @@ def metrics_server(image: str) -> list[Obj]:
 
 
 def default_storage_class() -> list[Obj]:
-    """kube-controller-manager's built-in hostPath provisioner (--enable-hostpath-provisioner): single node only.
+    """Served by dev/localcluster/provisioner.py: a 0777 directory per claim, like kind's default class.
 
     PVs get the claim's access modes, so ReadWriteMany works for pods on the one real node.
     """
@@ -251,10 +252,10 @@ def default_storage_class() -> list[Obj]:
             "apiVersion": "storage.k8s.io/v1",
             "kind": "StorageClass",
             "metadata": {
-                "name": "standard",
+                "name": STORAGE_CLASS,
                 "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
             },
-            "provisioner": "kubernetes.io/host-path",
+            "provisioner": PROVISIONER,
             "reclaimPolicy": "Delete",
             "volumeBindingMode": "Immediate",
         }

@@ -189,7 +189,12 @@ def operator(flownexus_crds: Cluster) -> Iterator[int]:
     }
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flownexus", "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
+            [
+                sys.executable, "-m", "flownexus", "--metrics-port", str(metrics_port),
+                "--health-port", str(health_port),
+                # Only the e2e namespaces: tests/reliability runs its own operators in theirs.
+                "--namespace", "e2e-*",
+            ],  # fmt: skip
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -138,10 +138,18 @@ def test_validator_has_no_api_rights() -> None:
 
 
 @pytest.mark.parametrize("build", [lambda c: build_worker_job(c, 1), build_validator_job])
-def test_pods_run_unprivileged_and_prepare_their_run_dir(build: Any) -> None:
+def test_pods_meet_pod_security_restricted_with_no_root_container(build: Any) -> None:
     pod = build(ctx())["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
-    (init,) = pod["initContainers"]
-    assert "/artifacts/default/digits-uid-1" in init["command"][-1]
-    assert init["securityContext"]["capabilities"]["add"] == ["CHOWN", "FOWNER", "DAC_OVERRIDE"]
-    assert [m["name"] for m in init["volumeMounts"]] == ["artifacts"]
+    sc = pod["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001 and sc["fsGroup"] == 10001
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "initContainers" not in pod
+    for c in pod["containers"]:
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert "runAsUser" not in c["securityContext"] or c["securityContext"]["runAsUser"] != 0
+    assert {next(iter(set(v) - {"name"})) for v in pod["volumes"]} <= {
+        "persistentVolumeClaim",
+        "downwardAPI",
+        "emptyDir",
+    }

@@ -218,3 +218,43 @@ def test_unfinished_validator_is_waited_for(validator: JobState) -> None:
     obs = replace(OK, worker_job=JobState.SUCCEEDED, validator_job=validator)
     plan = decide(spec(), status(attempt=1, phase="Validating"), obs, 1)
     assert plan.status.phase == "Validating" and plan.status.validation is None
+
+
+def test_an_input_error_fails_the_job_at_once_with_the_workers_message() -> None:
+    failed = replace(
+        OK,
+        worker_job=JobState.FAILED,
+        worker_failure="BackoffLimitExceeded",
+        worker_error="worker 0: InputError: dataset.path: 'data/missing.csv' does not exist in the artifact store",
+        worker_retryable=False,
+    )
+    plan = decide(spec(), status(phase="Running", attempt=1), failed, 1)
+    assert plan.status.phase == "Failed" and plan.status.reason == "InputError"
+    assert "data/missing.csv" in (plan.status.message or "")
+    assert plan.status.attempt == 1 and plan.create_attempt is None and plan.delete_attempt is None
+
+
+def test_a_retryable_worker_error_restarts_and_its_message_is_in_status() -> None:
+    failed = replace(
+        OK, worker_job=JobState.FAILED, worker_failure="BackoffLimitExceeded", worker_error="worker 1: boom"
+    )
+    plan = decide(spec(), status(phase="Running", attempt=1), failed, 1)
+    assert plan.status.phase == "Restarting" and plan.status.attempt == 2
+    assert "worker 1: boom" in (plan.status.message or "")
+
+
+def test_pods_the_job_controller_cannot_create_stall_the_job_with_its_reason_then_clear() -> None:
+    refused = replace(
+        OK,
+        worker_job=JobState.STARTING,
+        create_error='pods "digits-a1-0-x" is forbidden: violates PodSecurity "restricted:latest"',
+    )
+    plan = decide(spec(), status(phase="Created", attempt=1), refused, 1)
+    assert cond(plan.status, "Stalled") == "True" and plan.status.reason == "FailedCreate"
+    assert "violates PodSecurity" in (plan.status.message or "")
+    assert [e[1] for e in plan.events] == ["FailedCreate"]
+    assert plan.requeue_after is not None and plan.requeue_after <= 30
+    again = decide(spec(), plan.status, refused, 1)
+    assert again.events == []  # one Event per new message, not one per pass
+    created = decide(spec(), plan.status, replace(OK, worker_job=JobState.RUNNING), 1)
+    assert cond(created.status, "Stalled") == "False" and created.status.phase == "Running"

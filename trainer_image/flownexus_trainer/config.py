@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 CONFIG_ENV = "FLOWNEXUS_CONFIG"
 
 ARCHITECTURES = ("mlp", "residual_mlp", "transformer", "lstm")
 BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """The config file holds a value the trainer cannot use; the message names the field path."""
 
 

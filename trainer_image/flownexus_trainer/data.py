@@ -18,6 +18,7 @@ from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
 
 from .config import DatasetConfig
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +115,34 @@ def _load_file(cfg: DatasetConfig, artifact_root: Path) -> tuple[NDArray[Any], N
     path = (artifact_root / cfg.path).resolve()
     # The path comes from a user's spec: keep it inside the artifact store.
     if artifact_root.resolve() not in path.parents:
-        raise ValueError(f"dataset.path: must stay inside the artifact store, got {cfg.path!r}")
+        raise InputError(f"dataset.path: must stay inside the artifact store, got {cfg.path!r}")
+    if path.suffix not in (".npz", ".csv"):
+        raise InputError(f"dataset.path: expected a .csv or .npz file, got {cfg.path!r}")
+    if not path.is_file():
+        raise InputError(f"dataset.path: {cfg.path!r} does not exist in the artifact store (looked for {path})")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as npz:
             x_key = "x" if "x" in npz else "X"
             y_key = cfg.target_column if cfg.target_column in npz else "y"
+            if x_key not in npz or y_key not in npz:
+                raise InputError(f"dataset.path: {cfg.path!r} needs arrays 'x' and 'y', has {sorted(npz.keys())}")
             x, y = npz[x_key], npz[y_key]
         return x, y, [f"x{i}" for i in range(x.shape[1])]
-    if path.suffix == ".csv":
-        with path.open(encoding="utf-8") as fh:
-            header = fh.readline().strip().split(",")
-        if cfg.target_column not in header:
-            raise ValueError(f"dataset.targetColumn: {cfg.target_column!r} is not a column of {cfg.path} ({header})")
-        # A plain comma-separated table with a header row (no quoting). Targets may be class names,
-        # so read everything as text, then convert.
-        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=str, ndmin=2)
-        target_idx = header.index(cfg.target_column)
-        features = [i for i in range(len(header)) if i != target_idx]
-        y_raw = table[:, target_idx]
+    with path.open(encoding="utf-8") as fh:
+        header = fh.readline().strip().split(",")
+    if cfg.target_column not in header:
+        raise InputError(f"dataset.targetColumn: {cfg.target_column!r} is not a column of {cfg.path} ({header})")
+    # A plain comma-separated table with a header row (no quoting). Targets may be class names,
+    # so read everything as text, then convert.
+    table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=str, ndmin=2)
+    target_idx = header.index(cfg.target_column)
+    features = [i for i in range(len(header)) if i != target_idx]
+    y_raw = table[:, target_idx]
+    try:
         y = y_raw if cfg.task == "classification" else y_raw.astype(np.float64)
         return table[:, features].astype(np.float64), y, [header[i] for i in features]
-    raise ValueError(f"dataset.path: expected a .csv or .npz file, got {cfg.path!r}")
+    except ValueError as exc:
+        raise InputError(f"dataset.path: {cfg.path} has a value that is not a number: {exc}") from exc
 
 
 def split_indices(

@@ -30,6 +30,7 @@ from .checkpoint import atomic_write_bytes, load_latest_checkpoint, save_checkpo
 from .config import JobConfig, TrainingConfig, load_config
 from .data import Splits, load_splits
 from .distributed import DistContext, all_reduce_sum, broadcast_from_main, gather_to_all, init_distributed, shutdown
+from .errors import failure_summary, write_termination_message
 from .models import build_model
 from .progress import CheckpointRef, EpochMetrics, Progress, ProgressSink, default_sinks
 
@@ -425,13 +426,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="config JSON (default: $FLOWNEXUS_CONFIG)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except Exception as exc:
+        write_termination_message(failure_summary(exc))
+        raise
     ctx = init_distributed(cfg.backend)
     try:
         sink = default_sinks(cfg.namespace, cfg.name, cfg.run_dir / "metrics.jsonl") if ctx.is_main else None
         try:
             Trainer(cfg, ctx, sink).run()
         except Exception as exc:
+            # The pod's own error reaches the TrainingJob's status through the termination message.
+            write_termination_message(failure_summary(exc))
             if sink is not None:
                 sink.report(Progress("Failed", 0, cfg.training.epochs, message=f"{type(exc).__name__}: {exc}"))
             raise

@@ -27,6 +27,7 @@ from torch import nn
 from .checkpoint import atomic_write_bytes
 from .config import JobConfig, load_config
 from .data import Splits, load_splits
+from .errors import TERMINATION_LOG, failure_summary, write_termination_message
 from .export import build_mar, run_exports
 from .models import build_model
 from .report import plot_curves, render_report
@@ -34,9 +35,6 @@ from .thresholds import Measured, ThresholdResult, assess_convergence, evaluate_
 from .train import evaluate
 
 log = logging.getLogger(__name__)
-
-TERMINATION_LOG = Path("/dev/termination-log")
-TERMINATION_LIMIT = 4096  # kubelet truncates termination messages beyond 4 KiB
 
 
 def load_trained_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -104,19 +102,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
-
-
-def write_termination_message(summary: dict[str, Any], path: Path = TERMINATION_LOG) -> None:
-    """Best effort: the operator reads this from the pod status; outside a pod the path is absent."""
-    payload = json.dumps(summary, separators=(",", ":"))
-    if len(payload) > TERMINATION_LIMIT:
-        summary = {**summary, "failed": [m[:120] for m in summary.get("failed", [])][:8]}
-        payload = json.dumps(summary, separators=(",", ":"))[:TERMINATION_LIMIT]
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(payload)
-    except OSError as exc:
-        log.debug("no termination log at %s (%s)", path, exc)
 
 
 def _exports(cfg: JobConfig, model: nn.Module, splits: Splits) -> dict[str, Any]:
@@ -240,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = validate(cfg)
     except Exception as exc:
         log.exception("validation could not run")
-        write_termination_message(
-            {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:1000]}, Path(args.termination_log)
-        )
+        write_termination_message({"passed": False, **failure_summary(exc)}, Path(args.termination_log))
         return 2
     write_termination_message(termination_summary(verdict), Path(args.termination_log))
     return 0

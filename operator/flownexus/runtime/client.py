@@ -172,12 +172,17 @@ class Client:
         except NotFound:
             return None
 
-    def list(self, kind: str, namespace: str | None = None, label_selector: str = "") -> Manifests:
-        return self.list_at(kind, namespace, label_selector)[0]
+    def list(
+        self, kind: str, namespace: str | None = None, label_selector: str = "", field_selector: str = ""
+    ) -> Manifests:
+        return self.list_at(kind, namespace, label_selector, field_selector)[0]
 
-    def list_at(self, kind: str, namespace: str | None = None, label_selector: str = "") -> tuple[Manifests, int]:
+    def list_at(
+        self, kind: str, namespace: str | None = None, label_selector: str = "", field_selector: str = ""
+    ) -> tuple[Manifests, int]:
         """The objects and the resourceVersion the list was served at."""
-        query = {"labelSelector": label_selector} if label_selector else None
+        selectors = {"labelSelector": label_selector, "fieldSelector": field_selector}
+        query = {k: v for k, v in selectors.items() if v} or None
         result = self.request("GET", path(kind, namespace), query=query, kind=kind)
         items: Manifests = result.get("items") or []
         api_version = PLURALS[kind][0]

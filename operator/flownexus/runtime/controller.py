@@ -37,6 +37,7 @@ INIT_FIELD_MANAGER = "flownexus-operator-init"
 CONFLICT_RETRY_S = 0.5
 # Passes wait on the API server far more than they compute: threads per kind, not cores, bound the rate.
 WORKERS = 16
+REJECTED = "ChildRejected"  # Stalled reason: the API server refused a write to a child
 ERROR_RETRY_S = (1.0, 60.0)  # first and longest delay of the per-object backoff
 
 
@@ -238,8 +239,48 @@ class Controller:
                 self.cache.upsert(written)
                 obj = written
         for action in outcome.actions:
-            self._act(obj, action)
+            try:
+                self._act(obj, action)
+            except Conflict:
+                raise
+            except ApiError as exc:
+                # The API server refused a child (admission, quota, RBAC, a schema): say so in status, then
+                # retry with backoff. Nothing else of this pass is done: later actions depend on earlier ones.
+                self._report_rejected(rec, obj, action, exc)
+                raise
+        stalled = _condition(obj, "Stalled")
+        if stalled is not None and stalled.get("reason") == REJECTED and stalled.get("status") == "True":
+            status = without_condition(copy.deepcopy(obj.get("status") or {}), "Stalled")
+            try:
+                self.cache.upsert(self.client.replace_status(obj, status))
+            except Conflict:
+                self._stale.add(key)
+                return CONFLICT_RETRY_S, "conflict"
         return outcome.requeue_after, "ok"
+
+    def _report_rejected(self, rec: Reconciler, obj: Manifest, action: Action, exc: ApiError) -> None:
+        """``Stalled=True, reason ChildRejected`` naming the child and the API server's answer, and one
+        Warning Event per new answer; cleared by the next pass whose actions all land."""
+        if isinstance(action, Apply):
+            what = f"{action.manifest['kind']} {action.manifest['metadata']['name']}"
+        elif isinstance(action, Patch | Delete):
+            what = f"{action.kind} {action.name}"
+        else:
+            what = "the Event"
+        verb = {Apply: "creating or updating", Patch: "patching", Delete: "deleting"}.get(type(action), "posting")
+        message = f"{verb} {what} was refused ({exc.status} {exc.reason}): {exc}"[:1000]
+        previous = _condition(obj, "Stalled")
+        if previous is not None and previous.get("message") == message:
+            return
+        status = with_condition(
+            copy.deepcopy(obj.get("status") or {}), "Stalled", "True", REJECTED, message,
+            obj["metadata"].get("generation"),
+        )  # fmt: skip
+        try:
+            self.cache.upsert(self.client.replace_status(obj, status))
+            self.client.post_event(obj, "Warning", REJECTED, message)
+        except ApiError as again:
+            log.warning("%s %s: could not report %r: %s", rec.kind, obj["metadata"]["name"], message, again)
 
     # ---- acting on children ----------------------------------------------------------------------
 
@@ -311,6 +352,10 @@ class Controller:
                        "metadata": {"name": name, "namespace": ns}, **action.initial}  # fmt: skip
             applied = self.client.apply(initial, INIT_FIELD_MANAGER)
         self.cache.upsert(applied)
+
+
+def _condition(obj: Manifest, type_: str) -> Manifest | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
 
 
 def _own_status(obj: Manifest, rec: Reconciler) -> Manifest:

@@ -165,38 +165,15 @@ def _volumes(ctx: TrainingContext) -> tuple[list[Manifest], list[Manifest]]:
 
 
 def _pod_security() -> Manifest:
+    """Pod Security ``restricted``: no root anywhere. The store must let the trainer's user write: volumes
+    that support ``fsGroup`` get group ``TRAINER_UID`` from the kubelet; others must be prepared by whoever
+    provides them (docs/SECURITY.md). The trainer creates its run directory itself."""
     return {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID, "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
 
 
 def _container_security() -> Manifest:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-
-
-def _prepare_run_dir(ctx: TrainingContext, mounts: list[Manifest]) -> Manifest:
-    """Does for the run directory what fsGroup does on volumes that support it.
-
-    Volumes without fsGroup support (hostPath, some NFS exports) come up root-owned; this gives the
-    trainer's user the run directory and lets it traverse the store, and changes nothing else.
-    """
-    uid = str(TRAINER_UID)
-    script = (
-        f"chgrp {uid} {ARTIFACT_ROOT} && chmod g+rwxs,o+x {ARTIFACT_ROOT} && "
-        f"install -d -o {uid} -g {uid} -m 2775 {ARTIFACT_ROOT}/{ctx.namespace} {ctx.run_dir} && "
-        f"chown -R {uid}:{uid} {ctx.run_dir}"
-    )
-    return {
-        "name": "prepare-run-dir",
-        "image": ctx.cluster.images.trainer,
-        "imagePullPolicy": ctx.cluster.images.pull_policy,
-        "command": ["sh", "-c", script],
-        "securityContext": {
-            "runAsNonRoot": False, "runAsUser": 0, "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER", "DAC_OVERRIDE"]},
-        },
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
-        "volumeMounts": [m for m in mounts if m["name"] == "artifacts"],
-    }  # fmt: skip
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 
 def _base_env(ctx: TrainingContext) -> list[Manifest]:
@@ -253,7 +230,6 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
                 "serviceAccountName": service_account_name(ctx.name),
                 "securityContext": _pod_security(),
                 **pod_placement(ctx.cluster.training),
-                "initContainers": [_prepare_run_dir(ctx, mounts)],
                 "containers": [
                     {
                         "name": "trainer",
@@ -296,7 +272,6 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
                     "automountServiceAccountToken": False,
                     "securityContext": _pod_security(),
                     **pod_placement(ctx.cluster.training),
-                    "initContainers": [_prepare_run_dir(ctx, mounts)],
                     "containers": [
                         {
                             "name": "validator",

@@ -13,6 +13,8 @@ from ..api.trainingjob import Artifacts, TrainingJobSpec, TrainingJobStatus, Val
 from ..meta import Manifest, now, parse_time, set_condition
 
 FINISHED = {"Succeeded", "Failed"}
+# While pods are missing, how often to look for the Job controller's FailedCreate (it changes no Job field).
+POD_CHECK_S = 10.0
 
 
 class JobState(Enum):
@@ -95,6 +97,12 @@ class Observed:
     validator_job: JobState
     verdict: dict[str, Any] | None  # the validator's termination message, once it has finished
     now: datetime
+    # Why the Job controller cannot create the pods of the current attempt or validator (its FailedCreate
+    # Event: Pod Security, quota, a missing ServiceAccount); empty while it can.
+    create_error: str = ""
+    # A failed attempt's own words (a worker's termination message), and whether a restart could help.
+    worker_error: str = ""
+    worker_retryable: bool = True
 
 
 @dataclass
@@ -186,6 +194,10 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
         _phase(plan, "Running", "Resumed", f"attempt {attempt} resumed from the latest checkpoint", generation)
         return plan
     if obs.worker_job is JobState.FAILED:
+        failure = f"{obs.worker_failure}; {obs.worker_error}" if obs.worker_error else obs.worker_failure
+        if obs.worker_error and not obs.worker_retryable:
+            # The trainer says its input is wrong: every restart would fail the same way.
+            return _fail(plan, "InputError", f"attempt {attempt}: {obs.worker_error}", generation)
         if obs.worker_failure.startswith("DeadlineExceeded"):
             return _fail(
                 plan,
@@ -197,7 +209,7 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
             return _fail(
                 plan,
                 "RestartLimitExceeded",
-                f"attempt {attempt} failed ({obs.worker_failure}) and spec.runPolicy.maxRestarts "
+                f"attempt {attempt} failed ({failure}) and spec.runPolicy.maxRestarts "
                 f"({spec.run_policy.max_restarts}) is used up",
                 generation,
             )
@@ -208,14 +220,14 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
             "Restarting",
             True,
             "WorkerFailed",
-            f"attempt {attempt} failed: {obs.worker_failure}",
+            f"attempt {attempt} failed: {failure}",
             generation,
         )
         _phase(
             plan,
             "Restarting",
             "WorkerFailed",
-            f"attempt {attempt} failed ({obs.worker_failure}); attempt {attempt + 1} resumes from the latest "
+            f"attempt {attempt} failed ({failure}); attempt {attempt + 1} resumes from the latest "
             "checkpoint once its pods are gone",
             generation,
         )
@@ -223,12 +235,35 @@ def decide(spec: TrainingJobSpec, status: TrainingJobStatus, obs: Observed, gene
     if obs.worker_job is JobState.STARTING and st.phase != "Running":
         # Keep Created / Restarting until the whole gang runs; once Running, pods finishing one by one
         # at the end must not flip the phase back.
-        if st.phase not in ("Created", "Restarting"):
+        if _pods_refused(plan, obs, f"attempt {attempt}", generation):
+            return plan
+        if st.phase not in ("Created", "Restarting") or st.reason == "FailedCreate":
             _phase(plan, "Created", "Starting", f"attempt {attempt}: worker pods are starting", generation)
+        plan.requeue_after = POD_CHECK_S  # the Job controller's refusals change nothing we watch
         return plan
+    _pods_refused(plan, obs, f"attempt {attempt}", generation)
     st.conditions = set_condition(st.conditions, "Restarting", False, "Running", "", generation)
     _phase(plan, "Running", "Training", f"attempt {attempt} is training", generation)
     return plan
+
+
+def _pods_refused(plan: Plan, obs: Observed, who: str, generation: int | None) -> bool:
+    """``Stalled=True, reason FailedCreate`` with the Job controller's words while it cannot create pods;
+    the condition turns False once it can. True while the pods are refused."""
+    st = plan.status
+    stalled = next((c for c in st.conditions if c.type == "Stalled"), None)
+    if obs.create_error:
+        message = f"{who}: the Job controller cannot create pods: {obs.create_error}"
+        if stalled is None or stalled.status != "True" or stalled.message != message:
+            plan.events.append(("Warning", "FailedCreate", message))
+        st.conditions = set_condition(st.conditions, "Stalled", True, "FailedCreate", message, generation)
+        st.reason, st.message = "FailedCreate", message
+        plan.requeue_after = POD_CHECK_S
+        return True
+    if stalled is not None and stalled.reason == "FailedCreate" and stalled.status == "True":
+        created = f"{who}: pods created"
+        st.conditions = set_condition(st.conditions, "Stalled", False, "PodsCreated", created, generation)
+    return False
 
 
 def _admit(spec: TrainingJobSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
@@ -283,7 +318,10 @@ def _validation_step(plan: Plan, obs: Observed, generation: int | None) -> Plan:
         _phase(plan, "Validating", "Validating", "the validator Job measures the model", generation)
         return plan
     if obs.validator_job not in (JobState.SUCCEEDED, JobState.FAILED):
-        _phase(plan, "Validating", "Validating", "the validator Job measures the model", generation)
+        if not _pods_refused(plan, obs, "the validator", generation):
+            _phase(plan, "Validating", "Validating", "the validator Job measures the model", generation)
+            if obs.validator_job is JobState.STARTING:
+                plan.requeue_after = POD_CHECK_S
         return plan
     if obs.verdict is None and obs.validator_job is JobState.SUCCEEDED:
         return _fail(plan, "ValidatorError", "the validator finished without writing a verdict", generation)

@@ -40,6 +40,8 @@ from .decide import (
 log = logging.getLogger(__name__)
 KIND = "TrainingJob"
 POD_OWNED_STATUS = frozenset({"progress", "bestMetrics", "latestCheckpoint"})
+ERROR_CHARS = 1000  # of a pod's error or an Event's message copied into status
+POD_GRACE_S = 5.0  # the Job controller's first try at creating pods
 
 
 class Admission:
@@ -133,23 +135,68 @@ class TrainingJobReconciler:
         verdict = None
         if validator is not None and v_state in (JobState.SUCCEEDED, JobState.FAILED) and status.phase not in FINISHED:
             verdict = self._termination_message(namespace, validator)
+        w_state = job_state(worker)
+        worker_error, retryable = "", True
+        if worker is not None and w_state is JobState.FAILED and status.phase not in FINISHED:
+            worker_error, retryable = self._worker_error(namespace, worker)
+        create_error = ""
+        if status.phase not in FINISHED:
+            pending = validator if v_state is JobState.STARTING else worker if w_state is JobState.STARTING else None
+            if pending is not None and _pods_missing(pending):
+                create_error = self._failed_create(namespace, pending)
         return Observed(
             cluster_ready=cluster.ready,
             cluster_problem=cluster.problem,
             queue_position=position,
             max_workers=limits.max_workers_per_job if limits is not None else 1 << 30,
-            worker_job=job_state(worker),
+            worker_job=w_state,
             previous_attempt_present=previous is not None,
             worker_failure=job_failure_reason(worker),
             validator_job=v_state,
             verdict=verdict,
             now=datetime.now(UTC),
+            create_error=create_error,
+            worker_error=worker_error,
+            worker_retryable=retryable,
         )
 
     def _owned_job(self, owner: Manifest, name: str) -> Manifest | None:
         """Our Job of that name; one that another owner holds counts as missing (the loop then reports it)."""
         job = self.cache.get("Job", owner["metadata"]["namespace"], name)
         return job if job is not None and controller_uid(job) == owner["metadata"]["uid"] else None
+
+    def _failed_create(self, namespace: str, job: Manifest) -> str:
+        """The Job controller's newest FailedCreate Event for this Job (by uid): why its pods are refused."""
+        selector = f"involvedObject.uid={job['metadata']['uid']},reason=FailedCreate"
+        events = self.client.list("Event", namespace, field_selector=selector)
+        if not events:
+            return ""
+        newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        return str(newest.get("message") or "")[:ERROR_CHARS]
+
+    def _worker_error(self, namespace: str, job: Manifest) -> tuple[str, bool]:
+        """What the failed attempt's pods said last (their termination messages), and whether a restart
+        could help: a trainer that found its input wrong says ``retryable: false``."""
+        uid = job["metadata"]["uid"]
+        pods = self.client.list("Pod", namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}")
+        said: list[tuple[str, bool]] = []
+        for pod in pods:
+            index = pod["metadata"].get("annotations", {}).get("batch.kubernetes.io/job-completion-index", "?")
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                terminated = (cs.get("state") or {}).get("terminated") or {}
+                message = str(terminated.get("message") or "").strip()
+                if not message or terminated.get("exitCode") == 0:
+                    continue
+                try:
+                    parsed = json.loads(message)
+                    text, retryable = str(parsed["error"]), bool(parsed.get("retryable", True))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    text, retryable = message.splitlines()[-1], True  # the last log line (FallbackToLogsOnError)
+                said.append((f"worker {index}: {text}"[:ERROR_CHARS], retryable))
+        if not said:
+            return "", True
+        said.sort(key=lambda item: item[1])  # an input error first: it decides
+        return said[0][0], said[0][1]
 
     def _termination_message(self, namespace: str, job: Manifest) -> dict[str, Any] | None:
         """The verdict the validator wrote, read only from pods of *this* validator Job (by its uid)."""
@@ -189,6 +236,15 @@ class TrainingJobReconciler:
         if plan.delete_self:
             out.append(Delete(KIND, name))
         return out
+
+
+def _pods_missing(job: Manifest) -> bool:
+    """Fewer pods than the Job wants, a few seconds after it was created (the Job controller's first try)."""
+    st, spec = job.get("status") or {}, job.get("spec") or {}
+    present = sum(int(st.get(k) or 0) for k in ("active", "succeeded", "failed", "terminating"))
+    created = parse_time(job["metadata"].get("creationTimestamp"))
+    young = created is not None and (datetime.now(UTC) - created).total_seconds() < POD_GRACE_S
+    return present < int(spec.get("parallelism", 1)) and not young
 
 
 def _remaining(ctx: TrainingContext, plan: Plan) -> int | None:
