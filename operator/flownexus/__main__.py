@@ -24,7 +24,8 @@ def run(settings: Settings) -> None:
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     asyncio.run(
         kopf.operator(
-            standalone=settings.standalone,
+            # One replica (the chart's Deployment: replicas 1, strategy Recreate; docs/SECURITY.md): no peering.
+            standalone=True,
             clusterwide=settings.cluster_wide,
             namespaces=list(settings.namespaces),
             liveness_endpoint=liveness,

@@ -1,6 +1,6 @@
 """Kopf registrations only: every watch event updates the cache and queues the objects it concerns.
 
-Kopf is the watch layer (and the health endpoint, peering, signals); the passes themselves run in the
+Kopf is the watch layer (and the health endpoint, signals); the passes themselves run in the
 shared loop of :mod:`flownexus.runtime.controller`. No handler here changes an object, so Kopf keeps no
 bookkeeping annotations or finalizers on ours: a TrainingJob copied with `kubectl get -o yaml` is an
 ordinary new object.
@@ -59,6 +59,10 @@ def _namespaces() -> list[str]:
     return list(_SETTINGS.namespaces) if _SETTINGS is not None else []
 
 
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[!")
+
+
 def _in_scope(namespace: str) -> bool:
     patterns = _namespaces()
     return not patterns or any(fnmatch.fnmatch(namespace, p) for p in patterns)
@@ -68,7 +72,7 @@ def _prime(client: Client, cache: Cache) -> list[tuple[str, str, str]]:
     """LIST every kind: at start, before any pass runs, so that no pass mistakes an unseen child for a missing
     one; then every RESYNC_S, so that a deletion the watch missed (across a reconnect) does not linger.
     Returns what disappeared."""
-    plain = [p for p in _namespaces() if not any(ch in p for ch in "*?[")]
+    plain = [p for p in _namespaces() if not _is_glob(p)]
     per_namespace = bool(plain) and len(plain) == len(_namespaces())
     gone = []
     for kind in (*PRIMARY, *CHILDREN):
@@ -124,6 +128,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Every watch event is a "handler succeeded" line at INFO otherwise; the passes log what matters.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
+    # Named namespaces need no cluster-wide reads: the resources are found once through discovery and the
+    # namespaces are taken as given, so the chart grants only Roles there (no CRD or namespace watches).
+    settings.scanning.disabled = bool(_namespaces()) and not any(_is_glob(p) for p in _namespaces())
     client = Client.from_environment()
     cache = Cache()
     admission = Admission(cache)

@@ -15,7 +15,6 @@ class Settings:
     log_level: str
     metrics_port: int
     health_port: int
-    standalone: bool
     # Where pods report progress: the operator only reads; pods patch their own TrainingJob status.
     operator_namespace: str
 
@@ -60,12 +59,6 @@ def parser() -> argparse.ArgumentParser:
         default=int(_env("HEALTH_PORT", "8081")),
         help="liveness /healthz port; 0 disables (env FLOWNEXUS_HEALTH_PORT, default 8081)",
     )
-    p.add_argument(
-        "--peering",
-        action="store_true",
-        default=_env("PEERING", "") == "1",
-        help="coordinate with other operator replicas through Kopf peering (default: standalone)",
-    )
     return p
 
 
@@ -79,6 +72,5 @@ def from_args(argv: list[str] | None = None) -> Settings:
         log_level=args.log_level,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
-        standalone=not args.peering,
         operator_namespace=_env("OPERATOR_NAMESPACE", "flownexus-system"),
     )

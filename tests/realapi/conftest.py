@@ -162,20 +162,67 @@ class _NoPrometheus:
         raise AssertionError("this test did not expect a Prometheus query")
 
 
-def chart_rbac(namespace: str) -> list[Manifest]:
-    """The chart's ClusterRole and binding as Helm renders them, named for one test namespace."""
-    text = (REPO / "helm" / "flownexus" / "templates" / "rbac.yaml").read_text()
-    text = "\n".join(line for line in text.splitlines() if "{{- include" not in line)
-    text = text.replace('{{ include "flownexus.name" . }}', f"flownexus-{namespace}")
-    text = text.replace("{{ .Release.Namespace }}", namespace).replace(
-        f"name: flownexus-{namespace}\n    namespace", "name: flownexus\n    namespace"
-    )
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+CHART = REPO / "helm" / "flownexus"
+OPERATOR_SA = "flownexus-operator"  # the chart's ServiceAccount
+
+
+def render_chart(namespace: str, *values: str) -> list[Manifest]:
+    """The chart as `helm template` renders it into ``namespace`` (``--set`` values)."""
+    import subprocess
+
+    helm = Layout().binary("helm")
+    if not helm.exists():
+        missing(f"{helm} (run `dev/cluster build`)")
+    args = [str(helm), "template", "flownexus", str(CHART), "--namespace", namespace]
+    for value in values:
+        args += ["--set", value]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def chart_rbac(namespace: str, *values: str) -> list[Manifest]:
+    """The chart's ServiceAccount, roles and bindings, installed into ``namespace``. Cluster-scoped names
+    get the namespace as a suffix, so that the tests of one session do not share them."""
+    docs = [d for d in render_chart(namespace, *values) if d["kind"] in RBAC_KINDS]
+    for doc in docs:
+        if doc["kind"].startswith("Cluster"):
+            doc["metadata"]["name"] = f"{doc['metadata']['name']}-{namespace}"
+        if doc["kind"].endswith("Binding") and doc["roleRef"]["kind"] == "ClusterRole":
+            doc["roleRef"]["name"] = f"{doc['roleRef']['name']}-{namespace}"
+    return docs
+
+
+def install(admin: Client, docs: list[Manifest]) -> None:
+    for obj in docs:
+        namespaced = not obj["kind"].startswith("Cluster")
+        ns = obj["metadata"].get("namespace") if namespaced else None
+        admin.request("POST", path(obj["kind"], ns), body=obj)
+
+
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+
+
+def token_kubeconfig(plane: envtest.ControlPlane, namespace: str, account: str, target: Path) -> Path:
+    """A kubeconfig that authenticates as ``namespace/account`` with a real ServiceAccount token."""
+    admin = Client.from_kubeconfig(str(plane.kubeconfig))
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 7200}}
+    token = admin.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token", body=request)
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "envtest", "cluster": {"server": plane.server,
+                      "certificate-authority": str(plane.root / "pki" / "ca.crt")}}],
+        "users": [{"name": account, "user": {"token": token["status"]["token"]}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "envtest", "user": account, "namespace": namespace}}],
+        "current-context": "sa",
+    }  # fmt: skip
+    target.write_text(yaml.safe_dump(config))
+    return target
 
 
 @pytest.fixture
 def harness_factory(control_plane: envtest.ControlPlane) -> Callable[..., Harness]:
-    def make(provider: Callable[[str], MetricsProvider] | None = None, operator_rbac: bool = False) -> Harness:
+    def make(provider: Callable[[str], MetricsProvider] | None = None, operator_rbac: bool | str = False) -> Harness:
         """A fresh namespace; with ``operator_rbac`` the operator acts as the chart's ServiceAccount."""
         admin = Client.from_kubeconfig(str(control_plane.kubeconfig))
         ns = f"t-{uuid.uuid4().hex[:8]}"
@@ -187,11 +234,9 @@ def harness_factory(control_plane: envtest.ControlPlane) -> Callable[..., Harnes
         admin.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", body=sa)
         impersonate = None
         if operator_rbac:
-            for obj in chart_rbac(ns):
-                admin.request("POST", path(obj["kind"], None if obj["kind"].startswith("Cluster") else ns), body=obj)
-            sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "flownexus"}}
-            admin.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", body=sa)
-            impersonate = f"system:serviceaccount:{ns}:flownexus"
+            # The chart installed into the test's namespace; "namespaced": watching only that namespace.
+            install(admin, chart_rbac(ns, *([f"watchNamespaces={{{ns}}}"] if operator_rbac == "namespaced" else [])))
+            impersonate = f"system:serviceaccount:{ns}:{OPERATOR_SA}"
         return Harness(control_plane, ns, provider, impersonate)
 
     return make

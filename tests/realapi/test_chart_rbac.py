@@ -1,9 +1,11 @@
-"""The chart's ClusterRole is enough for every write path: the passes run as its ServiceAccount
-(impersonated), against the real API server's RBAC, and any missing grant fails with a 403."""
+"""The chart's rights (as `helm template` renders them) are enough for every write path: the passes run as
+its ServiceAccount (impersonated), against the real API server's RBAC, cluster-wide and with
+``watchNamespaces``, and any missing grant fails with a 403."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from tests.realapi.conftest import Harness, chart_rbac
@@ -13,16 +15,37 @@ from tests.realapi.test_trainingjob_passes import started
 pytestmark = pytest.mark.realapi
 
 
-def test_the_chart_grants_no_secrets_and_no_pod_deletes() -> None:
-    (role, _) = chart_rbac("x")
-    for rule in role["rules"]:
+def _rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rule for doc in docs if doc["kind"] in ("ClusterRole", "Role") for rule in doc["rules"]]
+
+
+@pytest.mark.parametrize("values", [(), ("watchNamespaces={team-a,team-b}",), ("watchNamespaces={team-*}",)])
+def test_the_chart_grants_no_secrets_and_no_pod_writes(values: tuple[str, ...]) -> None:
+    for rule in _rules(chart_rbac("x", *values)):
         assert "secrets" not in rule["resources"]
         if "pods" in rule["resources"]:
             assert rule["verbs"] == ["list"]
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
 
 
-def test_a_trainingjob_life_runs_under_the_charts_rights(harness_factory: Callable[..., Harness]) -> None:
-    h = harness_factory(operator_rbac=True)
+def test_watching_named_namespaces_grants_roles_there_and_nothing_cluster_wide() -> None:
+    docs = chart_rbac("fnx", "watchNamespaces={team-a,team-b}")
+    assert not [d for d in docs if d["kind"].startswith("Cluster")]
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    for binding in bindings.values():
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "flownexus-operator", "namespace": "fnx"}]
+    # A glob cannot be a Role's namespace: then the ClusterRole holds everything, as with all namespaces.
+    (glob_role,) = [d for d in chart_rbac("fnx", "watchNamespaces={team-*}") if d["kind"] == "ClusterRole"]
+    assert len(glob_role["rules"]) > 2 and not [d for d in chart_rbac("fnx") if d["kind"] == "Role"]
+
+
+@pytest.mark.parametrize("scope", [True, "namespaced"])
+def test_a_trainingjob_life_runs_under_the_charts_rights(
+    harness_factory: Callable[..., Harness], scope: object
+) -> None:
+    h = harness_factory(operator_rbac=scope)
     started(h, **{"spec.runPolicy.ttlSecondsAfterFinished": 0})
     h.job_finished("digits-a1", "Failed", "BackoffLimitExceeded", "worker 0 exited 1")
     h.reconcile("TrainingJob", "digits")  # restart: foreground delete of attempt 1
@@ -39,10 +62,13 @@ def test_a_trainingjob_life_runs_under_the_charts_rights(harness_factory: Callab
     assert not h.exists("TrainingJob", "digits")
 
 
-def test_a_rollout_and_its_rollback_run_under_the_charts_rights(harness_factory: Callable[..., Harness]) -> None:
+@pytest.mark.parametrize("scope", [True, "namespaced"])
+def test_a_rollout_and_its_rollback_run_under_the_charts_rights(
+    harness_factory: Callable[..., Harness], scope: object
+) -> None:
     from datetime import timedelta
 
-    h = harness_factory(operator_rbac=True)
+    h = harness_factory(operator_rbac=scope)
     clock = serving_v1(h, StubPrometheus(error_rate=0.5))
     start_canary(h, rollout={"failedChecksBeforeRollback": 1})
     clock.now = clock.now + timedelta(minutes=1, seconds=1)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from tests.factories import neural_cluster, training_job
-from tests.realapi.conftest import REPO, Harness
+from tests.realapi.conftest import OPERATOR_SA, REPO, Harness, chart_rbac, install, token_kubeconfig
 
 pytestmark = pytest.mark.realapi
 
@@ -28,8 +28,13 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
 
 @pytest.fixture
 def operator(harness: Harness) -> Iterator[subprocess.Popen[bytes]]:
+    """The operator as the chart installs it for one namespace: its ServiceAccount's token, its Role."""
     log = harness.plane.root / f"operator-{harness.ns}.log"
-    env = {**os.environ, "KUBECONFIG": str(harness.plane.kubeconfig), "PYTHONPATH": f"{REPO / 'operator'}"}
+    install(harness.user, chart_rbac(harness.ns, f"watchNamespaces={{{harness.ns}}}"))
+    kubeconfig = token_kubeconfig(
+        harness.plane, harness.ns, OPERATOR_SA, harness.plane.root / f"operator-{harness.ns}.kubeconfig"
+    )
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": f"{REPO / 'operator'}"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flownexus", "--namespace", harness.ns, "--metrics-port", "0", "--health-port", "0"],
@@ -84,3 +89,14 @@ def test_watch_events_drive_the_trainingjob_and_quiet_objects_cost_no_requests(
     # The user deletes the running Job: the watch brings the pass that recreates it.
     h.user.request("DELETE", f"/apis/batch/v1/namespaces/{h.ns}/jobs/digits-a1")
     wait_for("attempt 1's Job again", lambda: h.exists("Job", "digits-a1"))
+
+    # Everything above ran with the chart's rights for one namespace: not one request was refused.
+    user = f"system:serviceaccount:{h.ns}:{OPERATOR_SA}"
+    refused = [
+        (e["verb"], e["requestURI"])
+        for e in h.plane.audit_events()
+        if e.get("stage") == "ResponseComplete"
+        and (e.get("user") or {}).get("username") == user
+        and (e.get("responseStatus") or {}).get("code") == 403
+    ]
+    assert refused == []
