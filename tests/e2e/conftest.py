@@ -187,14 +187,12 @@ def operator(flownexus_crds: Cluster) -> Iterator[int]:
         "KUBECONFIG": str(flownexus_crds.kubeconfig),
         "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]),
     }
+    # Only the e2e namespaces: tests/reliability runs its own operators in theirs.
+    command = [sys.executable, "-m", "flownexus", "--metrics-port", str(metrics_port),
+               "--health-port", str(health_port), "--namespace", "e2e-*"]  # fmt: skip
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "flownexus", "--metrics-port", str(metrics_port),
-                "--health-port", str(health_port),
-                # Only the e2e namespaces: tests/reliability runs its own operators in theirs.
-                "--namespace", "e2e-*",
-            ],  # fmt: skip
+            command,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
