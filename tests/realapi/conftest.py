@@ -234,8 +234,10 @@ def harness_factory(control_plane: envtest.ControlPlane) -> Callable[..., Harnes
         admin.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", body=sa)
         impersonate = None
         if operator_rbac:
-            # The chart installed into the test's namespace; "namespaced": watching only that namespace.
-            install(admin, chart_rbac(ns, *([f"watchNamespaces={{{ns}}}"] if operator_rbac == "namespaced" else [])))
+            # The chart installed into the test's namespace: all namespaces; "namespaced": that namespace by
+            # name (Roles); "glob": a pattern that matches it (a ClusterRole, and Kopf's namespace scanning).
+            watch = {"namespaced": [f"watchNamespaces={{{ns}}}"], "glob": [f"watchNamespaces={{{ns}*}}"]}
+            install(admin, chart_rbac(ns, *watch.get(str(operator_rbac), [])))
             impersonate = f"system:serviceaccount:{ns}:{OPERATOR_SA}"
         return Harness(control_plane, ns, provider, impersonate)
 
