@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests import prereq
+from tests.chart import OPERATOR_SA, chart_rbac
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_CLUSTER = REPO / "dev" / "cluster"
@@ -123,17 +125,26 @@ def cluster() -> Iterator[Cluster]:
         _dev_cluster("down", timeout=300)
 
 
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    """A fresh namespace per test, deleted afterwards (without waiting: the next test does not need it gone)."""
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
+RESTRICTED = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn", "audit")}
+
+
+def create_namespace(cluster: Cluster, name: str) -> None:
+    """A namespace that enforces Pod Security ``restricted``, as a careful platform team sets them up: every
+    pod the operator creates must pass it, or the test sees the refusal."""
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": RESTRICTED}})
     # Pods may only start once the namespace's default ServiceAccount exists.
     wait_until(
         "default ServiceAccount",
         lambda: cluster.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
         30,
     )
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting: the next test does not need it gone)."""
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    create_namespace(cluster, name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
@@ -165,8 +176,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def flownexus_crds(cluster: Cluster) -> Cluster:
+    """The CRDs and the trainer-status admission policy, as the chart installs them."""
     files = sorted((REPO / "crds").glob("*.yaml"))
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", *(a for p in files for a in ("-f", str(p))))
+    policies = sorted((REPO / "policies").glob("*.yaml"))
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", *(a for p in files + policies for a in ("-f", str(p)))
+    )
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"-f={p}" for p in files))
     wait_until(
         "flownexus.io served",
@@ -176,15 +191,44 @@ def flownexus_crds(cluster: Cluster) -> Cluster:
     return cluster
 
 
+OPERATOR_NAMESPACE = "flownexus-e2e"
+
+
+def operator_kubeconfig(cluster: Cluster, watch: str, target: Path) -> Path:
+    """The chart's rights for ``watch`` (a namespace glob), installed into OPERATOR_NAMESPACE, and a
+    kubeconfig that authenticates with its ServiceAccount's token: the operator process has exactly the
+    rights the chart gives it, so a missing grant fails the test that needs it."""
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
+    rbac = chart_rbac(OPERATOR_NAMESPACE, f"watchNamespaces={{{watch}}}")
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}))  # fmt: skip
+    token = cluster.kubectl("-n", OPERATOR_NAMESPACE, "create", "token", OPERATOR_SA, "--duration=12h").stdout.strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": OPERATOR_SA, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": admin["clusters"][0]["name"], "user": OPERATOR_SA}}],
+        "current-context": "operator",
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(config))
+    target.chmod(0o600)
+    return target
+
+
 @pytest.fixture(scope="session")
 def operator(flownexus_crds: Cluster) -> Iterator[int]:
-    """The operator as a host process; yields its metrics port. Stopped by pid at the end."""
+    """The operator as a host process with the chart's ServiceAccount; yields its metrics port. Stopped by
+    pid at the end."""
     metrics_port, health_port = _free_port(), _free_port()
     log_path = REPO / ".local" / "logs" / "operator-e2e.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    kubeconfig = operator_kubeconfig(flownexus_crds, "e2e-*", REPO / ".local" / "operator-e2e.kubeconfig")
     env = {
         **os.environ,
-        "KUBECONFIG": str(flownexus_crds.kubeconfig),
+        "KUBECONFIG": str(kubeconfig),
         "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]),
     }
     # Only the e2e namespaces: tests/reliability runs its own operators in theirs.

@@ -7,11 +7,13 @@ Helm binary built here, watching only the test's namespace so that it never meet
 from __future__ import annotations
 
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, Cluster, _dev_cluster, build_image, wait_until
+from tests.e2e.conftest import REPO, Cluster, _dev_cluster, build_image, create_namespace, wait_until
 
 pytestmark = pytest.mark.e2e
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
@@ -32,10 +34,22 @@ def helm(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def test_chart_installs_an_operator_that_reconciles(cluster: Cluster, namespace: str, operator_image: str) -> None:
+@pytest.fixture
+def helm_namespace(cluster: Cluster) -> Iterator[str]:
+    """Not `e2e-*`: the shared e2e operator must not reconcile what the chart's operator does."""
+    name = f"helm-{uuid.uuid4().hex[:8]}"
+    create_namespace(cluster, name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_chart_installs_an_operator_that_reconciles(cluster: Cluster, helm_namespace: str, operator_image: str) -> None:
+    namespace = helm_namespace
     release_ns = f"{namespace}-system"
+    # The trainer-status policy is cluster-wide and the e2e session installed it already.
     helm(cluster, "install", "flownexus", str(REPO / "helm" / "flownexus"), "--namespace", release_ns,
-         "--create-namespace", "--set", f"watchNamespaces={{{namespace}}}", "--wait", "--timeout", "180s")  # fmt: skip
+         "--create-namespace", "--set", f"watchNamespaces={{{namespace}}}", "--set", "trainerStatusPolicy=false",
+         "--wait", "--timeout", "180s")  # fmt: skip
     try:
         deployment = cluster.get("-n", release_ns, "deployment", "flownexus-operator")
         assert deployment["status"].get("availableReplicas") == 1

@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from flownexus.modeldeployment.children import canary_replicas
-from tests.e2e.conftest import REPO, Cluster, _free_port, build_image, wait_until
+from tests.e2e.conftest import REPO, Cluster, _free_port, build_image, create_namespace, wait_until
 from tests.e2e.test_trainingjob import artifact_dir, example
 from tests.integration.trainer.procs import run_torchrun, run_validator, write_job_config
 from tests.prereq import missing
@@ -234,13 +234,8 @@ def serving(
     the example ModelDeployment serving version 1.0.0 with short rollout settings."""
     assert server_image.startswith("localhost/flownexus/server:")
     namespace = f"e2e-md-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", namespace)
     try:
-        wait_until(
-            "default ServiceAccount",
-            lambda: cluster.kubectl("-n", namespace, "get", "sa", "default", check=False).returncode == 0,
-            30,
-        )
+        create_namespace(cluster, namespace)
         nc = example("neuralcluster.yaml", namespace, prometheusUrl=prometheus)
         assert nc["spec"]["images"]["server"] == SERVER_TAG
         cluster.apply(nc)
@@ -255,9 +250,7 @@ def serving(
             60,
         )
         store = artifact_dir(cluster, namespace, "demo-artifacts")
-        # The serving pods (uid 1000) must search the store: a TrainingJob's setup container does this to a
-        # fresh hostPath volume (root-owned, 0750); here the archives come from the host.
-        store.chmod(store.stat().st_mode | 0o005)
+        # The archives come from the host (written as root, world-readable): the serving pods (uid 1000) read them.
         for version, relative in ARCHIVES.items():
             target = store / relative
             target.parent.mkdir(parents=True, exist_ok=True)

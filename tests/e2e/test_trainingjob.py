@@ -171,3 +171,57 @@ def test_unreachable_threshold_fails_naming_it(
     assert status["phase"] == "Failed" and status["reason"] == "ValidationFailed"
     assert any("minAccuracy" in t for t in status["validation"]["failedThresholds"]), status["validation"]
     assert {c["type"]: c["status"] for c in status["conditions"]}["Validated"] == "False"
+
+
+def test_a_dataset_that_does_not_exist_fails_the_job_at_once_naming_it(
+    cluster: Cluster, namespace: str, operator: int, trainer_image: str
+) -> None:
+    """An input error is not retried: the worker's own message (its termination message) reaches status and
+    the job fails on attempt 1 although restarts are left."""
+    start_cluster(cluster, namespace, trainer_image)
+    dataset = {"source": "file", "path": "data/missing.csv", "targetColumn": "label"}
+    cluster.apply(
+        example(
+            "trainingjob-digits.yaml",
+            namespace,
+            **{"dataset": dataset, "distributed.workers": 1, "runPolicy.maxRestarts": 3},
+        )
+    )
+    status = wait_phase(cluster, namespace, "digits", {"Succeeded", "Failed"}, 300)
+    assert status["phase"] == "Failed" and status["reason"] == "InputError", status
+    assert "data/missing.csv" in status["message"] and "does not exist" in status["message"], status["message"]
+    assert status["attempt"] == 1
+    assert cluster.kubectl("-n", namespace, "get", "job", "digits-a2", check=False).returncode != 0
+
+
+def test_pods_the_job_controller_cannot_create_are_in_status_within_30s(
+    cluster: Cluster, namespace: str, operator: int
+) -> None:
+    """A quota that admits no pods: the Job controller's FailedCreate becomes Stalled=True on the TrainingJob."""
+    cluster.apply(
+        {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods", "namespace": namespace},
+         "spec": {"hard": {"pods": "0"}}},
+        {"apiVersion": "flownexus.io/v1alpha1", "kind": "NeuralCluster",
+         "metadata": {"name": "demo", "namespace": namespace}, "spec": {"artifactStore": {"size": "64Mi"}}},
+    )  # fmt: skip
+    wait_until(
+        "NeuralCluster Ready",
+        lambda: (cluster.get("-n", namespace, "nc", "demo").get("status") or {}).get("phase") == "Ready",
+        60,
+    )
+    cluster.apply(example("trainingjob-digits.yaml", namespace, **{"distributed.workers": 1}))
+    wait_until("attempt 1's Job", lambda: cluster.kubectl("-n", namespace, "get", "job", "digits-a1",
+                                                          check=False).returncode == 0, 30)  # fmt: skip
+    created = time.monotonic()
+
+    def stalled() -> bool:
+        conditions = {c["type"]: c for c in tj_status(cluster, namespace, "digits").get("conditions") or []}
+        return conditions.get("Stalled", {}).get("reason") == "FailedCreate"
+
+    wait_until("Stalled=True, reason FailedCreate", stalled, 45)
+    elapsed = time.monotonic() - created
+    status = tj_status(cluster, namespace, "digits")
+    assert "exceeded quota" in status["message"], status["message"]
+    assert elapsed <= 30, f"reported after {elapsed:.0f}s"
+    cluster.kubectl("wait", "-n", namespace, "tj/digits", "--for=condition=Stalled", "--timeout=5s")
+    print(f"\n[figure] FailedCreate in TrainingJob status {elapsed:.0f} s after the Job was created")

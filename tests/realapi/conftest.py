@@ -18,6 +18,7 @@ import pytest
 import yaml
 from dev.localcluster import envtest
 from dev.localcluster.config import Layout
+from tests.chart import OPERATOR_SA, chart_rbac
 from tests.prereq import missing
 
 from flownexus.handlers import CHILDREN, PRIMARY
@@ -162,44 +163,11 @@ class _NoPrometheus:
         raise AssertionError("this test did not expect a Prometheus query")
 
 
-CHART = REPO / "helm" / "flownexus"
-OPERATOR_SA = "flownexus-operator"  # the chart's ServiceAccount
-
-
-def render_chart(namespace: str, *values: str) -> list[Manifest]:
-    """The chart as `helm template` renders it into ``namespace`` (``--set`` values)."""
-    import subprocess
-
-    helm = Layout().binary("helm")
-    if not helm.exists():
-        missing(f"{helm} (run `dev/cluster build`)")
-    args = [str(helm), "template", "flownexus", str(CHART), "--namespace", namespace]
-    for value in values:
-        args += ["--set", value]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
-def chart_rbac(namespace: str, *values: str) -> list[Manifest]:
-    """The chart's ServiceAccount, roles and bindings, installed into ``namespace``. Cluster-scoped names
-    get the namespace as a suffix, so that the tests of one session do not share them."""
-    docs = [d for d in render_chart(namespace, *values) if d["kind"] in RBAC_KINDS]
-    for doc in docs:
-        if doc["kind"].startswith("Cluster"):
-            doc["metadata"]["name"] = f"{doc['metadata']['name']}-{namespace}"
-        if doc["kind"].endswith("Binding") and doc["roleRef"]["kind"] == "ClusterRole":
-            doc["roleRef"]["name"] = f"{doc['roleRef']['name']}-{namespace}"
-    return docs
-
-
 def install(admin: Client, docs: list[Manifest]) -> None:
     for obj in docs:
         namespaced = not obj["kind"].startswith("Cluster")
         ns = obj["metadata"].get("namespace") if namespaced else None
         admin.request("POST", path(obj["kind"], ns), body=obj)
-
-
-RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
 
 def token_kubeconfig(plane: envtest.ControlPlane, namespace: str, account: str, target: Path) -> Path:
