@@ -2,7 +2,9 @@
 
 Pydantic's JSON Schema is turned into a structural OpenAPI v3 schema: references inlined, ``null``
 alternatives dropped, JSON Schema 2020 bounds converted to OpenAPI 3.0 ones, defaults that let the
-API server fill nested objects, and each model's CEL rules attached to its node.
+API server fill nested objects, and CEL rules attached where they belong: a reusable type's (``Rules`` in
+``Annotated``), a field's (``json_schema_extra``), a model's (``cel_rules``), and the kind's rules on
+``metadata.name`` at the root, the one place CEL can see the name.
 
 Run ``python -m flownexus.crdgen --out crds`` (``make crds``).
 """
@@ -23,12 +25,22 @@ from pydantic.fields import FieldInfo
 
 from . import GROUP, VERSION
 from .api import KINDS, Kind
-from .api.common import ApiModel
+from .api.common import TYPE_RULES_KEY, ApiModel
 
 Schema = dict[str, Any]
 
 # JSON Schema keywords that the API server either rejects or that carry no meaning for it.
 _DROPPED_KEYS = {"title", "additionalProperties", "$defs", "discriminator", "const"}
+_RULES = "x-kubernetes-validations"
+_RULE_KEYS = ("rule", "message", "messageExpression", "fieldPath", "reason")
+
+
+def _rules(node: Schema) -> list[dict[str, str]]:
+    """A node's CEL rules: its type's first, then its field's; keys in one order (pydantic sorts some)."""
+    return [
+        {key: rule[key] for key in _RULE_KEYS if key in rule}
+        for rule in (*node.get(TYPE_RULES_KEY, []), *node.get(_RULES, []))
+    ]
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -90,10 +102,11 @@ class _Converter:
             node = copy.deepcopy(self.defs[name])
             model = self.models.get(name)
             # Sibling keys (description, field-level CEL) win over the referenced definition's.
-            rules = node.get("x-kubernetes-validations", []) + siblings.pop("x-kubernetes-validations", [])
+            rules = _rules(node) + _rules(siblings)
             node.update(siblings)
+            node.pop(TYPE_RULES_KEY, None)
             if rules:
-                node["x-kubernetes-validations"] = rules
+                node[_RULES] = rules
         if "anyOf" in node:
             node = self._any_of(node)
             if "$ref" in node:
@@ -102,7 +115,7 @@ class _Converter:
             model = self.models[node["title"]]
         out: Schema = {}
         for key, value in node.items():
-            if key in _DROPPED_KEYS or key == "default":
+            if key in _DROPPED_KEYS or key in ("default", TYPE_RULES_KEY, _RULES):
                 continue
             if key == "properties":
                 out["properties"] = {prop: self._property(prop, sub, model) for prop, sub in value.items()}
@@ -120,8 +133,11 @@ class _Converter:
             out["enum"] = [node["const"]]
         if isinstance(node.get("additionalProperties"), dict):
             out["additionalProperties"] = self._node(node["additionalProperties"])
-        if model is not None and issubclass(model, ApiModel) and model.cel_rules:
-            out["x-kubernetes-validations"] = [*out.get("x-kubernetes-validations", []), *model.cel_rules]
+        rules = _rules(node)
+        if model is not None and issubclass(model, ApiModel):
+            rules += model.cel_rules
+        if rules:
+            out[_RULES] = rules
         if out.get("x-kubernetes-int-or-string"):
             out.pop("type", None)
         elif "type" not in out and "enum" in out:
@@ -140,6 +156,11 @@ class _Converter:
         if len(options) != 1:
             raise ValueError(f"cannot express a union of {options} in a structural schema")
         merged = {**options[0], **node}
+        # The type's rules and the field's both hold (Optional[ImageRef] with an immutability rule).
+        for key in (TYPE_RULES_KEY, _RULES):
+            rules = [*options[0].get(key, []), *node.get(key, [])]
+            if rules:
+                merged[key] = rules
         return _Converter._any_of(merged) if "anyOf" in merged else merged
 
     def _property(self, prop: str, node: Schema, model: type[BaseModel] | None) -> Schema:
@@ -170,10 +191,13 @@ def openapi_schema(kind: Kind) -> Schema:
         "type": "object",
         "description": kind.description,
         "required": ["spec"],
+        # Root-level rules are the only ones that see metadata.name.
+        _RULES: kind.names.cel_rules(kind.kind),
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object."},
             "kind": {"type": "string", "description": "Kind of this object."},
-            "metadata": {"type": "object"},
+            # Declared so that the name rules' fieldPath (.metadata.name) resolves; no restriction of its own.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec,
             "status": status,
         },

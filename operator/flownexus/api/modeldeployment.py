@@ -6,9 +6,28 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import ApiModel, CelRule, Condition, Name, ObjectRef, ResourceRequirements, StatusModel
+from .common import (
+    ApiModel,
+    ArchivePath,
+    CelRule,
+    Condition,
+    Interval,
+    Name,
+    ObjectRef,
+    ResourceRequirements,
+    StatusModel,
+    Version,
+    Window,
+)
 
 DEFAULT_CANARY_STEPS = [5, 15, 25, 35, 45, 55, 65, 75, 85, 95]
+# The operator finds a track's pods (and TorchServe's Hostname label of their metrics) by the prefix
+# <name>-<track>- of their names. Deployment pods are named <name>-<track>-<hash>-<suffix>, and Kubernetes
+# keeps only the first 58 characters of a generated name before the 5-character random suffix, so the prefix
+# must fit in 58. The name is also that of the Service, a DNS-1035 label.
+GENERATED_NAME_KEPT = 58
+TRACKS = ("stable", "canary")
+MAX_NAME_LENGTH = GENERATED_NAME_KEPT - max(len(f"-{track}-") for track in TRACKS)
 
 
 class ModelSource(ApiModel):
@@ -24,17 +43,13 @@ class ModelSource(ApiModel):
     training_job_ref: ObjectRef | None = Field(
         default=None, description="Serve this TrainingJob's archive; only once it is Validated."
     )
-    archive_path: str | None = Field(
+    archive_path: ArchivePath | None = Field(
         default=None,
-        max_length=1024,
-        pattern=r"^[^/].*\.mar$",
-        description="A .mar archive, relative to the artifact store root.",
+        description="A .mar archive, relative to the artifact store root (no '..' segments).",
     )
-    version: str = Field(
-        min_length=1,
-        max_length=64,
-        pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]*$",
-        description="Version of the model; changing it starts a canary rollout.",
+    version: Version = Field(
+        description="Version of the model (the flownexus.io/version label of its pods: letters, digits, '.', '_' "
+        "and '-', at most 63 characters); changing it starts a canary rollout.",
     )
 
     @model_validator(mode="after")
@@ -80,6 +95,7 @@ class AutoscalingSpec(ApiModel):
     target_requests_per_second: float | None = Field(
         default=None,
         gt=0.0,
+        le=1_000_000.0,
         description="Also scale on requests per second per pod (needs a custom metrics API).",
     )
 
@@ -95,9 +111,7 @@ class AnalysisThresholds(ApiModel):
 
     max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0, description="Highest share of 5xx responses.")
     max_latency_p99_ms: float = Field(default=100.0, gt=0.0, description="Highest p99 latency in milliseconds.")
-    window: str = Field(
-        default="5m", pattern=r"^[0-9]+(s|m|h)$", description="PromQL range of each query, e.g. 1m, 5m."
-    )
+    window: Window = Field(default="5m", description="PromQL range of each query, e.g. 1m, 5m; longer than 0s.")
 
 
 class RolloutSpec(ApiModel):
@@ -115,9 +129,7 @@ class RolloutSpec(ApiModel):
             ],
         },
     )
-    interval: str = Field(
-        default="1m", pattern=r"^[0-9]+(s|m|h)$", description="Time between analysis checks, e.g. 30s, 1m."
-    )
+    interval: Interval = Field(default="1m", description="Time between analysis checks, e.g. 30s, 1m; longer than 0s.")
     thresholds: AnalysisThresholds = Field(default_factory=AnalysisThresholds, description="Analysis thresholds.")
     failed_checks_before_rollback: int = Field(
         default=3, ge=1, le=100, description="Failed checks that trigger the rollback."

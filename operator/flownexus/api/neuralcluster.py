@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -10,31 +10,38 @@ from .common import (
     ApiModel,
     CelRule,
     Condition,
+    ImageRef,
     Name,
     Placement,
-    Quantity,
+    PositiveQuantity,
     ResourceRequirements,
     StatusModel,
+    cel,
 )
 
 DEFAULT_TRAINER_IMAGE = "flownexus/trainer:0.1.0"
 DEFAULT_SERVER_IMAGE = "flownexus/server:0.1.0"
+# The name is the value of the flownexus.io/neuralcluster label on the cluster's PVC, and clusterRef.name
+# (a DNS label) refers to it: a DNS label of at most 63 characters.
+MAX_NAME_LENGTH = 63
+# A transition rule: the API server checks it on every update, the operator cannot (it sees one version).
+ARTIFACT_STORE_IMMUTABLE: Any = cel(
+    "self == oldSelf",
+    "is immutable: the checkpoints, reports and model archives of this cluster's TrainingJobs and "
+    "ModelDeployments live on this PVC; create another NeuralCluster to use another store",
+)
 
 
 class Images(ApiModel):
     """Container images for the pods the operator creates."""
 
-    trainer: str = Field(
+    trainer: ImageRef = Field(
         default=DEFAULT_TRAINER_IMAGE,
-        min_length=1,
-        max_length=512,
-        description="Image of the training and validator pods.",
+        description="Image of the training and validator pods, e.g. registry.example.com/flownexus/trainer:0.1.0.",
     )
-    server: str = Field(
+    server: ImageRef = Field(
         default=DEFAULT_SERVER_IMAGE,
-        min_length=1,
-        max_length=512,
-        description="Image of the TorchServe pods.",
+        description="Image of the TorchServe pods, e.g. registry.example.com/flownexus/server:0.1.0.",
     )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="imagePullPolicy of every container the operator creates."
@@ -52,7 +59,7 @@ class ArtifactStore(ApiModel):
     ]
 
     existing_claim: Name | None = Field(default=None, description="Adopt this existing PVC instead of creating one.")
-    size: Quantity | None = Field(default=None, description="Size of the PVC the operator creates, e.g. 5Gi.")
+    size: PositiveQuantity | None = Field(default=None, description="Size of the PVC the operator creates, e.g. 5Gi.")
     storage_class_name: str | None = Field(
         default=None, max_length=253, description="StorageClass of the created PVC; empty uses the default."
     )
@@ -81,7 +88,10 @@ class NeuralClusterSpec(ApiModel):
     """Desired state of a NeuralCluster."""
 
     images: Images = Field(default_factory=Images, description="Images of trainer, validator and server pods.")
-    artifact_store: ArtifactStore = Field(description="The PVC holding checkpoints, reports and archives.")
+    artifact_store: ArtifactStore = Field(
+        description="The PVC holding checkpoints, reports and archives; fixed once the NeuralCluster exists.",
+        json_schema_extra={"x-kubernetes-validations": [ARTIFACT_STORE_IMMUTABLE]},
+    )
     training: Placement = Field(default_factory=Placement, description="Placement of training pods.")
     serving: Placement = Field(default_factory=Placement, description="Placement of serving pods.")
     default_training_resources: ResourceRequirements = Field(

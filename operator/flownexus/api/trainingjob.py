@@ -2,31 +2,108 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import ApiModel, CelRule, Condition, Name, ObjectRef, ResourceRequirements, StatusModel
+from .common import (
+    ApiModel,
+    CelRule,
+    Check,
+    Condition,
+    DatasetPath,
+    Name,
+    ObjectRef,
+    ResourceRequirements,
+    Rules,
+    StatusModel,
+    Version,
+)
 
 IMMUTABLE: Any = {"rule": "self == oldSelf", "message": "is immutable once the TrainingJob exists"}
 
 Architecture = Literal["mlp", "residual_mlp", "transformer", "lstm"]
 BuiltinDataset = Literal["digits", "iris", "wine", "breast_cancer", "diabetes"]
-# Env that the operator sets for torchrun; users may not override it.
-RESERVED_ENV = frozenset(
-    {
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "NODE_RANK",
-        "FLOWNEXUS_CONFIG",
-        "FLOWNEXUS_ATTEMPT",
-        "FLOWNEXUS_REPORT_STATUS",
-    }
+
+MAX_WORKERS = 512
+MAX_RESTARTS = 100
+# The longest names derived from a TrainingJob's that must be DNS labels (63 characters): the hostname
+# <name>-a<attempt>-<index> that an Indexed Job gives its pods (attempt up to maxRestarts + 1, index up to
+# workers - 1; the Job's own name is also its pods' job-name label), the validator Job <name>-validate (its
+# job-name label), and the headless Service <name>-workers.
+LONGEST_SUFFIXES = (f"-a{MAX_RESTARTS + 1}-{MAX_WORKERS - 1}", "-validate", "-workers")
+# The pods themselves are named <name>-a<attempt>-<index>-<random>, of which Kubernetes keeps 58 characters
+# before the random part; the trainer-status admission policy knows rank 0's pod by the whole prefix.
+POD_NAME_KEPT = 58
+POD_PREFIX = f"{LONGEST_SUFFIXES[0]}-"
+MAX_NAME_LENGTH = min(63 - max(len(s) for s in LONGEST_SUFFIXES), POD_NAME_KEPT - len(POD_PREFIX))
+
+# Environment variables the training pods get from elsewhere; a user's value would silently lose (the
+# operator's entries come after the user's) or break the gang (JOB_COMPLETION_INDEX is torchrun's node rank).
+TORCHRUN_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
 )
+TORCHRUN_ENV_PREFIXES = ("PET_", "TORCHELASTIC_")  # torchrun reads its options from PET_*
+OPERATOR_ENV = ("OMP_NUM_THREADS", "PYTHONUNBUFFERED")
+OPERATOR_ENV_PREFIXES = ("FLOWNEXUS_",)
+KUBELET_ENV_PREFIXES = ("KUBERNETES_",)  # the trainer reports progress to $KUBERNETES_SERVICE_HOST
+RESERVED_ENV = frozenset({"JOB_COMPLETION_INDEX", *TORCHRUN_ENV, *OPERATOR_ENV})
+RESERVED_ENV_PREFIXES = (*TORCHRUN_ENV_PREFIXES, *OPERATOR_ENV_PREFIXES, *KUBELET_ENV_PREFIXES)
+
+
+def _cel_list(names: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{n}'" for n in names) + "]"
+
+
+def _cel_prefixes(prefixes: tuple[str, ...]) -> str:
+    return " && ".join(f"!self.startsWith('{p}')" for p in prefixes)
+
+
+EnvName = Annotated[
+    str,
+    Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
+    Rules(
+        (
+            Check(
+                "self != 'JOB_COMPLETION_INDEX'",
+                lambda n: n != "JOB_COMPLETION_INDEX",
+                "{value} is reserved: the Job controller sets it to each worker pod's index, which is the "
+                "pod's torchrun --node-rank",
+            ),
+            Check(
+                f"!(self in {_cel_list(TORCHRUN_ENV)}) && {_cel_prefixes(TORCHRUN_ENV_PREFIXES)}",
+                lambda n: n not in TORCHRUN_ENV and not n.startswith(TORCHRUN_ENV_PREFIXES),
+                "{value} is reserved: torchrun sets it for each training process from the operator's "
+                "rendezvous settings (MASTER_*, *RANK, *WORLD_SIZE, ROLE_NAME, PET_*, TORCHELASTIC_*)",
+            ),
+            Check(
+                f"!(self in {_cel_list(OPERATOR_ENV)}) && {_cel_prefixes(OPERATOR_ENV_PREFIXES)}",
+                lambda n: n not in OPERATOR_ENV and not n.startswith(OPERATOR_ENV_PREFIXES),
+                "{value} is reserved: the operator sets it in the training pods (FLOWNEXUS_*, OMP_NUM_THREADS, "
+                "PYTHONUNBUFFERED)",
+            ),
+            Check(
+                _cel_prefixes(KUBELET_ENV_PREFIXES),
+                lambda n: not n.startswith(KUBELET_ENV_PREFIXES),
+                "{value} is reserved: the kubelet sets KUBERNETES_* and the trainer sends its progress, with "
+                "its ServiceAccount token, to that API server",
+            ),
+        )
+    ),
+]
+# A hidden layer's width, as bounded as the other widths.
+LayerWidth = Annotated[int, Field(ge=1, le=8192)]
 
 
 class ModelSpec(ApiModel):
@@ -40,11 +117,11 @@ class ModelSpec(ApiModel):
     ]
 
     architecture: Architecture = Field(description="mlp, residual_mlp, transformer or lstm.")
-    hidden_sizes: list[int] = Field(
+    hidden_sizes: list[LayerWidth] = Field(
         default_factory=lambda: [128, 64],
         min_length=1,
         max_length=16,
-        description="Widths of the hidden layers of the mlp.",
+        description="Widths of the hidden layers of the mlp: 1 to 16 layers, each 1 to 8192 wide.",
     )
     hidden_size: int = Field(default=128, ge=1, le=8192, description="Width of residual_mlp blocks and lstm.")
     num_blocks: int = Field(default=2, ge=1, le=64, description="Residual blocks of residual_mlp.")
@@ -60,13 +137,30 @@ class ModelSpec(ApiModel):
         return self
 
 
+MAX_SYNTHETIC_CELLS = 100_000_000
+
+
 class SyntheticData(ApiModel):
     """Shape of generated data when dataset.source is synthetic."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {
+            "rule": f"self.samples * self.features <= {MAX_SYNTHETIC_CELLS}",
+            "message": f"samples x features must be at most {MAX_SYNTHETIC_CELLS:,}: every training process "
+            "generates the whole table in memory (8 bytes a value)",
+        },
+    ]
 
     samples: int = Field(default=2000, ge=10, le=10_000_000, description="Number of rows.")
     features: int = Field(default=20, ge=1, le=100_000, description="Number of features.")
     classes: int = Field(default=3, ge=2, le=10_000, description="Classes (classification only).")
     noise: float = Field(default=0.1, ge=0.0, le=10.0, description="Label noise / regression noise.")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SyntheticData:
+        if self.samples * self.features > MAX_SYNTHETIC_CELLS:
+            raise ValueError(self.cel_rules[0]["message"])
+        return self
 
 
 class DatasetSpec(ApiModel):
@@ -98,11 +192,9 @@ class DatasetSpec(ApiModel):
     name: BuiltinDataset | None = Field(
         default=None, description="The builtin dataset (scikit-learn's packaged data; diabetes is regression)."
     )
-    path: str | None = Field(
+    path: DatasetPath | None = Field(
         default=None,
-        max_length=1024,
-        pattern=r"^[^/].*\.(csv|npz)$",
-        description="CSV or NPZ file, relative to the artifact store root.",
+        description="CSV or NPZ file, relative to the artifact store root (no '..' segments).",
     )
     target_column: str = Field(default="target", max_length=256, description="Label column of a CSV file.")
     task: Literal["classification", "regression"] = Field(
@@ -186,7 +278,9 @@ class TrainingSpec(ApiModel):
 class EnvVar(ApiModel):
     """An extra environment variable for the training containers."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name.")
+    name: EnvName = Field(
+        description="Name; variables that torchrun, the Job controller, the kubelet or the operator set are refused."
+    )
     value: str = Field(default="", max_length=4096, description="Value.")
 
 
@@ -202,15 +296,9 @@ class DistributedSpec(ApiModel):
             "rule": "self.gpusPerWorker == 0 || self.gpusPerWorker >= self.procsPerWorker",
             "message": "with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker",
         },
-        {
-            "rule": "!has(self.env) || self.env.all(e, !(e.name in ['MASTER_ADDR', 'MASTER_PORT', 'RANK', "
-            "'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'FLOWNEXUS_CONFIG', "
-            "'FLOWNEXUS_ATTEMPT', 'FLOWNEXUS_REPORT_STATUS']))",
-            "message": "env may not set variables the operator owns (MASTER_ADDR, RANK, WORLD_SIZE, ...)",
-        },
     ]
 
-    workers: int = Field(default=1, ge=1, le=512, description="Worker pods (torchrun nodes).")
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS, description="Worker pods (torchrun nodes).")
     procs_per_worker: int = Field(default=1, ge=1, le=64, description="Processes per pod (torchrun nproc-per-node).")
     gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per pod; 0 trains on CPU.")
     backend: Literal["auto", "gloo", "nccl"] = Field(
@@ -227,21 +315,18 @@ class DistributedSpec(ApiModel):
             raise ValueError("backend nccl needs gpusPerWorker > 0")
         if self.gpus_per_worker and self.gpus_per_worker < self.procs_per_worker:
             raise ValueError("with GPUs, each process needs its own GPU: gpusPerWorker must be >= procsPerWorker")
-        reserved = sorted({e.name for e in self.env or []} & RESERVED_ENV)
-        if reserved:
-            raise ValueError(f"env may not set variables the operator owns: {', '.join(reserved)}")
         return self
 
 
 class RunPolicy(ApiModel):
     """Lifecycle rules, as users know them from Kubernetes Jobs."""
 
-    max_restarts: int = Field(default=3, ge=0, le=100, description="Whole-gang restarts before Failed.")
+    max_restarts: int = Field(default=3, ge=0, le=MAX_RESTARTS, description="Whole-gang restarts before Failed.")
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Fail the TrainingJob when it has run longer than this."
+        default=None, ge=1, le=2**31 - 1, description="Fail the TrainingJob when it has run longer than this."
     )
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Delete the finished TrainingJob after this many seconds."
+        default=None, ge=0, le=2**31 - 1, description="Delete the finished TrainingJob after this many seconds."
     )
     suspend: bool = Field(default=False, description="Stop the pods (keeping checkpoints) until unset.")
 
@@ -267,8 +352,8 @@ class ExportSpec(ApiModel):
     model_name: Name | None = Field(
         default=None, description="Model name in TorchServe; the TrainingJob name when unset."
     )
-    version: str = Field(
-        default="1.0.0", max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]*$", description="Model version."
+    version: Version = Field(
+        default="1.0.0", description="Model version: letters, digits, '.', '_' and '-', at most 63 characters."
     )
     torchscript: bool = Field(default=False, description="Also export TorchScript.")
     onnx: bool = Field(default=False, description="Also export ONNX (needs the onnx package in the image).")

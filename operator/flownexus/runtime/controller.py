@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ INIT_FIELD_MANAGER = "flownexus-operator-init"
 CONFLICT_RETRY_S = 0.5
 # Passes wait on the API server far more than they compute: threads per kind, not cores, bound the rate.
 WORKERS = 16
+UNREACHABLE_RETRY_S = 3.0
 REJECTED = "ChildRejected"  # Stalled reason: the API server refused a write to a child
 ERROR_RETRY_S = (1.0, 60.0)  # first and longest delay of the per-object backoff
 
@@ -187,6 +189,9 @@ class Controller:
                 failures = self._failures.get((kind, namespace, name), 0) + 1
                 self._failures[(kind, namespace, name)] = failures
                 requeue = min(ERROR_RETRY_S[0] * 2 ** (failures - 1), ERROR_RETRY_S[1])
+                if _unreachable(sys.exc_info()[1]):
+                    # The API server is away (restarting): look again soon, not after a minute of backoff.
+                    requeue = min(requeue, UNREACHABLE_RETRY_S)
                 log.exception("%s %s/%s: pass failed (retry in %.0fs)", kind, namespace, name, requeue)
             finally:
                 queue.done(key)
@@ -352,6 +357,13 @@ class Controller:
                        "metadata": {"name": name, "namespace": ns}, **action.initial}  # fmt: skip
             applied = self.client.apply(initial, INIT_FIELD_MANAGER)
         self.cache.upsert(applied)
+
+
+def _unreachable(exc: BaseException | None) -> bool:
+    """A connection that failed (refused, reset, timed out), as opposed to an answer from the API server."""
+    import urllib3
+
+    return isinstance(exc, OSError | urllib3.exceptions.HTTPError) and not isinstance(exc, ApiError)
 
 
 def _condition(obj: Manifest, type_: str) -> Manifest | None:
