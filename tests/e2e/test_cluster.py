@@ -18,6 +18,11 @@ pytestmark = pytest.mark.e2e
 WEB_PORT = 8080
 
 
+# The e2e namespaces enforce Pod Security "restricted" (conftest.create_namespace); the test image runs as nobody.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 65534, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 def _labels(app: str) -> dict[str, str]:
     return {"app": app}
 
@@ -34,11 +39,13 @@ def web_deployment(name: str, image: str, replicas: int = 1, cpu: str = "100m") 
                 "metadata": {"labels": _labels(name)},
                 "spec": {
                     "terminationGracePeriodSeconds": 1,
+                    "securityContext": POD_SECURITY,
                     "containers": [
                         {
                             "name": "web",
                             "image": image,
                             "imagePullPolicy": "IfNotPresent",
+                            "securityContext": CONTAINER_SECURITY,
                             "ports": [{"containerPort": WEB_PORT}],
                             "resources": {"requests": {"cpu": cpu, "memory": "32Mi"}},
                             "readinessProbe": {"httpGet": {"path": "/", "port": WEB_PORT}, "periodSeconds": 1},
@@ -65,7 +72,16 @@ def pod(name: str, image: str, command: list[str], **spec: Any) -> dict[str, Any
         "spec": {
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent", "command": command}],
+            "securityContext": POD_SECURITY,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": command,
+                    "securityContext": CONTAINER_SECURITY,
+                }
+            ],
             **spec,
         },
     }
@@ -143,7 +159,9 @@ def test_job_completes_and_deleting_owner_collects_children(cluster: Cluster, na
     )
 
 
-def test_default_storage_class_binds_read_write_many(cluster: Cluster, namespace: str, web_image: str) -> None:
+def test_default_storage_class_binds_read_write_many_writable_by_a_non_root_pod(
+    cluster: Cluster, namespace: str, web_image: str
+) -> None:
     claim = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
@@ -153,9 +171,8 @@ def test_default_storage_class_binds_read_write_many(cluster: Cluster, namespace
     volume = {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "shared"}}]}
 
     def with_mount(p: dict[str, Any]) -> dict[str, Any]:
+        # As nobody: the local provisioner's volumes are writable by any pod user, like kind's.
         p["spec"]["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
-        # The image runs as nobody; the provisioned hostPath directory belongs to root.
-        p["spec"]["securityContext"] = {"runAsUser": 0}
         return p
 
     writer = with_mount(python_pod("writer", web_image, "open('/data/msg','w').write('shared')", **volume))
