@@ -103,6 +103,9 @@ def rollout_and_rollback(h: Harness) -> None:
     )
     conflicted_pass(h, "ModelDeployment", "digits")
     h.reconcile("ModelDeployment", "digits")
+    # Deleted in the foreground: it goes once its pods are gone (the garbage collector's part, played here).
+    assert h.get("Deployment", "digits-canary")["metadata"].get("deletionTimestamp")
+    h.collect_garbage("Deployment", "digits-canary")
     assert not h.exists("Deployment", "digits-canary")
 
 

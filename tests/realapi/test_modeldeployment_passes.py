@@ -188,6 +188,9 @@ def test_a_good_canary_is_promoted_step_by_step(harness: Harness) -> None:
     h.reconcile("ModelDeployment", "digits")
     status = h.get("ModelDeployment", "digits")["status"]
     assert status["phase"] == "Available" and "canary" not in status
+    # Deleted in the foreground: it goes once its pods are gone (the garbage collector's part, played here).
+    assert h.get("Deployment", "digits-canary")["metadata"].get("deletionTimestamp")
+    h.collect_garbage("Deployment", "digits-canary")
     assert not h.exists("Deployment", "digits-canary")
     assert [e["outcome"] for e in status["history"]] == ["Deployed", "Retired", "Promoted"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -238,6 +241,34 @@ def test_a_crash_between_recording_a_promotion_and_acting_on_it_never_rolls_stab
         h.reconcile("ModelDeployment", "digits")
         seen.append(version_of(h, "digits-stable"))
     assert seen == ["2.0.0"] * 3
+
+
+def test_a_crash_between_recording_a_promotion_and_deleting_the_canary_never_lets_the_next_version_reuse_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    clock = serving_v1(h, StubPrometheus())
+    start_canary(h, rollout={"steps": [50]})
+    clock.now = T0 + timedelta(minutes=1, seconds=1)
+    h.reconcile("ModelDeployment", "digits")  # Promoting: stable rolls to 2.0.0
+    deployment_ready(h, "digits-stable")
+    _crash_after_record(h, monkeypatch)  # Available (Promoted) recorded; the canary's delete never sent
+    old = h.get("Deployment", "digits-canary")
+    assert h.get("ModelDeployment", "digits")["status"]["phase"] == "Available"
+    validated(h, "digits-v3", "3.0.0")
+    h.patch(
+        "ModelDeployment", "digits", {"spec": {"model": {"trainingJobRef": {"name": "digits-v3"}, "version": "3.0.0"}}}
+    )
+    h.reconcile("ModelDeployment", "digits")  # the restarted operator
+    left = h.get("Deployment", "digits-canary")
+    assert left["metadata"]["uid"] == old["metadata"]["uid"] and left["metadata"].get("deletionTimestamp")
+    assert version_of(h, "digits-canary") == "2.0.0"  # never re-templated in place
+    assert h.get("ModelDeployment", "digits")["status"]["reason"] == "RetiringCanary"
+    h.collect_garbage("Deployment", "digits-canary")
+    h.reconcile("ModelDeployment", "digits")
+    new = h.get("Deployment", "digits-canary")
+    assert new["metadata"]["uid"] != old["metadata"]["uid"] and version_of(h, "digits-canary") == "3.0.0"
+    assert h.get("ModelDeployment", "digits")["status"]["phase"] == "Canary"
 
 
 def test_children_names_taken_by_others_are_reported_and_left_alone(harness: Harness) -> None:

@@ -308,9 +308,28 @@ def test_rolled_back_stays_until_the_version_changes() -> None:
     back = decide(spec("1.0.0"), rolled, obs(T0 + timedelta(minutes=6), source=V1, canary=zero), 3)
     assert back.status.phase == "Available" and back.canary_action == "delete"
     v3 = Source(version="3.0.0", archive="default/digits-v3/digits.mar", training_job="digits-v3")
-    retry = decide(spec("3.0.0"), rolled, obs(T0 + timedelta(minutes=6), source=v3, canary=zero), 3)
+    retry = decide(spec("3.0.0"), rolled, obs(T0 + timedelta(minutes=6), source=v3), 3)
     assert retry.status.phase == "Canary" and retry.status.canary is not None
     assert retry.status.canary.version == "3.0.0" and retry.canary_action == "ensure"
+
+
+@pytest.mark.parametrize("left", ["rolled back (scaled to zero)", "promoted (a crash before its delete)"])
+def test_a_new_canary_never_takes_over_a_left_canary_deployment_it_waits_until_it_is_gone(left: str) -> None:
+    """The canary Deployment of an earlier version is deleted first (with its pods): otherwise the new version's
+    template would roll it in place while the old version's ready pods keep serving, and be measured, as it."""
+    old_canary = (
+        DeploymentView(replicas=0, ready=0, version="2.0.0", rolled_out=True)
+        if left.startswith("rolled")
+        else DeploymentView(replicas=1, ready=1, version="2.0.0", rolled_out=True)
+    )
+    serving = available_v1()
+    v3 = Source(version="3.0.0", archive="default/digits-v3/digits.mar", training_job="digits-v3")
+    wait = decide(spec("3.0.0"), serving, obs(T0 + timedelta(minutes=1), source=v3, canary=old_canary), 3)
+    assert wait.canary_action == "delete" and wait.status.canary is None
+    assert wait.status.phase == "Available" and wait.status.reason == "RetiringCanary"
+    gone = decide(spec("3.0.0"), wait.status, obs(T0 + timedelta(minutes=1, seconds=5), source=v3), 3)
+    assert gone.status.phase == "Canary" and gone.canary_action == "ensure"
+    assert gone.status.canary is not None and gone.status.canary.version == "3.0.0"
 
 
 def test_a_version_change_during_the_canary_withdraws_it() -> None:

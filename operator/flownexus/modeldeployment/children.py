@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ..api.modeldeployment import ModelDeploymentSpec
+from ..api.modeldeployment import MONITORING_NAMESPACE, ModelDeploymentSpec, namespace_peer
 from ..api.neuralcluster import NeuralClusterSpec
 from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
 from . import pod
@@ -459,20 +459,36 @@ def build_pdb(ctx: ServingContext) -> Manifest:
     }
 
 
+def network_policy_peers(ctx: ServingContext) -> tuple[list[Manifest], list[Manifest]]:
+    """The peers admitted to the inference port and to the metrics port.
+
+    Inference: spec.serving.allowedFrom, or every pod of the ModelDeployment's namespace when unset or empty.
+    Metrics: spec.serving.metricsFrom, or every pod of the namespace named ``monitoring`` when unset or empty.
+    An empty ``from`` would admit every source, so neither list is ever empty.
+    """
+    serving = ctx.spec.serving
+    inference = [p.to_wire() for p in serving.allowed_from or []] or [{"podSelector": {}}]
+    metrics = [p.to_wire() for p in serving.metrics_from or []] or [namespace_peer(MONITORING_NAMESPACE).to_wire()]
+    return inference, metrics
+
+
 def build_network_policy(ctx: ServingContext) -> Manifest:
-    """Ingress to the inference port from pods in the cluster and to the metrics port for scraping; nothing
-    else (the management API is on loopback anyway)."""
-    in_cluster: list[Manifest] = [{"namespaceSelector": {}}]
+    """Ingress to the inference port from the admitted peers (default: the own namespace) and to the metrics
+    port from the monitoring peers (default: namespace ``monitoring``); nothing else (the management API is on
+    loopback anyway). No egress at all: a serving pod starts from its init container's copy of the archive
+    and calls nothing (kubelet's exec probes and loopback do not leave the pod)."""
+    inference, metrics = network_policy_peers(ctx)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": child_metadata(ctx.owner, ctx.name, "server"),
         "spec": {
             "podSelector": {"matchLabels": selector_labels(ctx.name)},
-            "policyTypes": ["Ingress"],
+            "policyTypes": ["Ingress", "Egress"],
             "ingress": [
-                {"from": in_cluster, "ports": [{"protocol": "TCP", "port": INFERENCE_PORT}]},
-                {"from": in_cluster, "ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
+                {"from": inference, "ports": [{"protocol": "TCP", "port": INFERENCE_PORT}]},
+                {"from": metrics, "ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
             ],
+            "egress": [],
         },
     }

@@ -264,6 +264,13 @@ def _serving(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: i
     if not ready:
         _phase(plan, spec, Phase.PROGRESSING.value, "RollingOut", _rollout_message(obs, st.stable.version), generation)
         return plan
+    if obs.canary is not None:
+        # A canary Deployment is left (a rollback, an abort, a crash between recording a promotion and deleting
+        # it). The new version never takes over its pods: it is deleted (foreground: with its pods) and the new
+        # canary starts on the pass its deletion brings.
+        message = f"version {wanted} starts as a canary once the previous canary Deployment and its pods are gone"
+        _phase(plan, spec, Phase.AVAILABLE.value, "RetiringCanary", message, generation)
+        return plan
     return _start_canary(spec, plan, obs, obs.source, generation)
 
 

@@ -221,7 +221,8 @@ def actions(ctx: ServingContext, plan: Plan, obs: Observed) -> list[Action]:
     if plan.canary_action == "scale_to_zero" and obs.canary is not None and obs.canary.replicas:
         out.append(Patch("Deployment", canary_name, {"spec": {"replicas": 0}}))
     elif plan.canary_action == "delete" and obs.canary is not None:
-        out.append(Delete("Deployment", canary_name))
+        # Foreground: the Deployment stays (and the next canary waits) until its pods are gone.
+        out.append(Delete("Deployment", canary_name, "Foreground"))
     return out
 
 
