@@ -46,9 +46,10 @@ def helm_namespace(cluster: Cluster) -> Iterator[str]:
 def test_chart_installs_an_operator_that_reconciles(cluster: Cluster, helm_namespace: str, operator_image: str) -> None:
     namespace = helm_namespace
     release_ns = f"{namespace}-system"
+    create_namespace(cluster, release_ns)  # the operator's own pod passes Pod Security "restricted" too
     # The trainer-status policy is cluster-wide and the e2e session installed it already.
     helm(cluster, "install", "flownexus", str(REPO / "helm" / "flownexus"), "--namespace", release_ns,
-         "--create-namespace", "--set", f"watchNamespaces={{{namespace}}}", "--set", "trainerStatusPolicy=false",
+         "--set", f"watchNamespaces={{{namespace}}}", "--set", "trainerStatusPolicy=false",
          "--wait", "--timeout", "180s")  # fmt: skip
     try:
         deployment = cluster.get("-n", release_ns, "deployment", "flownexus-operator")

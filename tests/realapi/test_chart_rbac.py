@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from dev.localcluster import envtest
+from tests.chart import render_chart
 from tests.factories import neural_cluster, training_job
 from tests.realapi.conftest import OPERATOR_SA, REPO, Harness, chart_rbac, token_kubeconfig
 from tests.realapi.test_modeldeployment_passes import StubPrometheus, serving_v1, start_canary
@@ -182,3 +183,12 @@ def test_every_grant_of_the_chart_is_used_and_none_is_missing(
     assert trainer_role is not None
     delegated = {(r, v) for rule in trainer_role["rules"] for r in rule["resources"] for v in rule["verbs"]}
     assert granted - used - delegated == set()
+
+
+def test_the_chart_runs_one_operator_replica_that_is_gone_before_the_next_starts() -> None:
+    """High availability by restart, not by election: never two operators reconciling at once."""
+    (deployment,) = [d for d in render_chart("fnx") if d["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if "peering" in a]
