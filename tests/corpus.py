@@ -56,6 +56,21 @@ VALID_MANIFESTS: list[Manifest] = [
             "spec.autoscaling": {"minReplicas": 1, "maxReplicas": 1},
         },
     ),
+    model_deployment(
+        "network-peers",
+        **{
+            "spec.serving.allowedFrom": [
+                {"podSelector": {}},
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "web"}},
+                    "podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["api", "ui"]}]},
+                },
+            ],
+            "spec.serving.metricsFrom": [
+                {"namespaceSelector": {"matchExpressions": [{"key": "monitoring", "operator": "Exists"}]}}
+            ],
+        },
+    ),
 ]
 
 INVALID_CASES: list[InvalidCase] = [
@@ -152,6 +167,32 @@ INVALID_CASES: list[InvalidCase] = [
         "spec.distributed",
     ),
     InvalidCase("no artifact store source", neural_cluster(**{"spec.artifactStore": {}}), "spec.artifactStore"),
+    InvalidCase(
+        "peer without a selector", model_deployment(**{"spec.serving.allowedFrom": [{}]}), "spec.serving.allowedFrom"
+    ),
+    InvalidCase(
+        "In without values",
+        model_deployment(
+            **{"spec.serving.allowedFrom": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}}]}
+        ),
+        "spec.serving.allowedFrom",
+    ),
+    InvalidCase(
+        "Exists with values",
+        model_deployment(
+            **{
+                "spec.serving.metricsFrom": [
+                    {"namespaceSelector": {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]}}
+                ]
+            }
+        ),
+        "spec.serving.metricsFrom",
+    ),
+    InvalidCase(
+        "label key that is no qualified name",
+        model_deployment(**{"spec.serving.allowedFrom": [{"podSelector": {"matchLabels": {"bad key": "x"}}}]}),
+        "spec.serving.allowedFrom",
+    ),
 ]
 
 # The contract used by the e2e tests: (manifest, substring the API server's error must contain).

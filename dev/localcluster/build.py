@@ -6,6 +6,7 @@ runs and a finished build is marked complete; later runs, CI and the demo reuse 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +29,9 @@ class Component:
     ldflags: list[str] = field(default_factory=list)
     # The upstream module whose version versions.env pins (checked against the helper's go.mod).
     module: str = ""
+    # The helper module has Go sources of its own (not only a pinned upstream command): a change to them
+    # rebuilds the binary although the pinned version stays the same.
+    own_sources: bool = False
 
     @property
     def module_dir(self) -> Path:
@@ -73,6 +77,14 @@ def components(layout: Layout) -> list[Component]:
             module="sigs.k8s.io/metrics-server",
         ),
         Component("pause", {"pause": "flownexus.dev/build/pause"}),
+        # Upstream's command runs only in a pod; dev/go/kube-network-policies/main.go is the same for a host
+        # process (and divert.go makes it work on a kernel without nftables' queue statement).
+        Component(
+            "kube-network-policies",
+            {"kube-network-policies": "flownexus.dev/build/kube-network-policies"},
+            module="sigs.k8s.io/kube-network-policies",
+            own_sources=True,
+        ),
     ]
 
 
@@ -89,8 +101,19 @@ def check_pin(layout: Layout, component: Component) -> None:
         )
 
 
+def sources_digest(component: Component) -> str:
+    """A digest of the helper module's files (go.mod, go.sum, *.go)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in component.module_dir.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def is_built(layout: Layout, component: Component) -> bool:
-    return (layout.bin_dir(component.name) / COMPLETE_MARK).exists()
+    mark = layout.bin_dir(component.name) / COMPLETE_MARK
+    if not mark.exists():
+        return False
+    return not component.own_sources or f"sources {sources_digest(component)}" in mark.read_text()
 
 
 def _go_build(component: Component, out_dir: Path, log_path: Path) -> None:
@@ -162,7 +185,7 @@ def ensure_built(layout: Layout, only: list[str] | None = None) -> None:
         _go_build(component, tmp, log_path)
         _post_build(layout, component, tmp)
         seconds = int(time.monotonic() - started)
-        (tmp / COMPLETE_MARK).write_text(f"built in {seconds}s\n")
+        (tmp / COMPLETE_MARK).write_text(f"built in {seconds}s\nsources {sources_digest(component)}\n")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -18,6 +18,8 @@ from .config import (
     DEV_DIR,
     ETCD_CLIENT_PORT,
     ETCD_PEER_PORT,
+    NETWORK_POLICY_METRICS,
+    NETWORK_POLICY_QUEUE,
     NODE_NAME,
     PAUSE_IMAGE,
     POD_CIDR,
@@ -38,6 +40,7 @@ PROCESSES = [
     "containerd",
     "kubelet",
     "kube-proxy",
+    "kube-network-policies",
     "kwok",
     "provisioner",
 ]
@@ -91,7 +94,7 @@ def _write_configs(layout: Layout, node_ip: str) -> None:
     layout.conf.mkdir(parents=True, exist_ok=True)
     pki.ensure_pki(layout.pki, node_ip)
     pki.write_kubeconfig(layout.kubeconfig, layout.pki, "admin")
-    for stem in ("controller-manager", "scheduler", "kubelet", "kube-proxy"):
+    for stem in ("controller-manager", "scheduler", "kubelet", "kube-proxy", "kube-network-policies"):
         # The node components reach the API server by the node IP, as they would from another machine.
         pki.write_kubeconfig(layout.conf / f"{stem}.kubeconfig", layout.pki, stem)
     _write_if_changed(layout.conf / "audit-policy.yaml", AUDIT_POLICY)
@@ -238,6 +241,26 @@ def _start_node(layout: Layout, node_ip: str) -> None:
     procs.start(
         layout, "kube-proxy", [layout.k8s("kube-proxy"), f"--config={layout.conf / 'kube-proxy.yaml'}", "--v=1"]
     )
+    _start_network_policies(layout)
+
+
+def _start_network_policies(layout: Layout) -> None:
+    """NetworkPolicy enforcement for the pods of the real node (the bridge CNI has none): kube-network-policies
+    on the host network, as the user system:kube-network-policies. It sends the first packet of each
+    connection to or from a pod that a NetworkPolicy selects to an nfqueue and accepts or drops it there."""
+    _apply(layout, manifests.kube_network_policies_rbac())
+    procs.start(
+        layout,
+        "kube-network-policies",
+        [
+            layout.binary("kube-network-policies"),
+            f"--kubeconfig={layout.conf / 'kube-network-policies.kubeconfig'}",
+            f"--hostname-override={NODE_NAME}",
+            f"--nfqueue-id={NETWORK_POLICY_QUEUE}",
+            f"--metrics-bind-address={NETWORK_POLICY_METRICS}",
+            "--v=1",
+        ],
+    )
 
 
 def _start_provisioner(layout: Layout) -> None:
@@ -366,7 +389,7 @@ def status(layout: Layout) -> bool:
 
 
 def down(layout: Layout, purge_images: bool = False) -> list[str]:
-    """Stop everything `up` started and remove our mounts, interfaces, iptables rules and state.
+    """Stop everything `up` started and remove our mounts, interfaces, iptables rules, nftables tables and state.
 
     containerd's image store (/var/lib/flownexus/containerd) is kept unless `purge_images`.
     Returns what could not be removed (empty when the machine is clean again).
@@ -376,8 +399,13 @@ def down(layout: Layout, purge_images: bool = False) -> list[str]:
         log(f"the cluster running here belongs to {owner}; leaving it alone")
         return []
     problems: list[str] = []
-    for name in ("provisioner", "kwok", "kube-proxy", "kubelet"):
+    for name in ("provisioner", "kwok", "kube-network-policies", "kube-proxy", "kubelet"):
         procs.stop(layout, name)
+    policies = layout.binary("kube-network-policies")
+    if policies.exists():
+        # On SIGTERM it deletes its nftables table itself; this catches one that was killed.
+        subprocess.run([str(policies), "--cleanup"], capture_output=True)
+    problems += host.remove_nft_tables()
     if layout.k8s("kube-proxy").exists():
         # kube-proxy knows its own rules best; our generic sweep below catches whatever it leaves.
         subprocess.run([str(layout.k8s("kube-proxy")), "--cleanup", "--v=0"], capture_output=True)
@@ -414,7 +442,7 @@ def down(layout: Layout, purge_images: bool = False) -> list[str]:
 
 
 def leftovers(layout: Layout) -> list[str]:
-    """Anything of ours still on the machine: processes, mounts, interfaces, iptables rules."""
+    """Anything of ours still on the machine: processes, mounts, interfaces, iptables rules, nftables tables."""
     found = [f"process {pid}" for pid in procs.pids_with_arg(str(layout.containerd_socket))]
     found += [f"process {n}" for n in PROCESSES if procs.running_pid(layout, n) is not None]
     found += [f"mount {m}" for m in host.our_mounts()]
@@ -422,6 +450,7 @@ def leftovers(layout: Layout) -> list[str]:
     for tool in ("iptables", "ip6tables"):
         for table, (refs, chains) in host.our_iptables_rules(tool).items():
             found += [f"{tool} -t {table} {r}" for r in refs] + [f"{tool} -t {table} chain {c}" for c in chains]
+    found += [f"nftables table {t}" for t in host.our_nft_tables()]
     return found
 
 

@@ -25,6 +25,12 @@ CLUSTER_DOMAIN = "cluster.local"
 CNI_NETWORK = "flownexus"
 CNI_BRIDGE = "fnx0"
 PAUSE_IMAGE = "localhost/flownexus/pause:3.10"
+# kube-network-policies: its user (client certificate), its nfqueue, its metrics address, and its nftables
+# table (`inet` where the kernel has nftables' queue statement, else `ip`; `down` removes both).
+NETWORK_POLICY_USER = "system:kube-network-policies"
+NETWORK_POLICY_QUEUE = 100
+NETWORK_POLICY_METRICS = "127.0.0.1:10365"
+NETWORK_POLICY_TABLE = "kube-network-policies"
 # Every machine-wide path we create starts with one of these, which is what makes `down` able to find
 # (and only find) our mounts and files. The hostPath provisioner's directory is fixed by Kubernetes.
 STATE_ROOTS = (Path("/var/lib/flownexus"), Path("/run/flownexus"))

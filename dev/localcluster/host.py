@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .config import CNI_BRIDGE, CNI_NETWORK, HOSTPATH_PV_DIR, STATE_ROOTS, Layout
+from .config import CNI_BRIDGE, CNI_NETWORK, HOSTPATH_PV_DIR, NETWORK_POLICY_TABLE, STATE_ROOTS, Layout
 
 SYSCTLS = {
     "/proc/sys/net/ipv4/ip_forward": "1",
@@ -178,6 +178,28 @@ def remove_iptables_rules() -> list[str]:
         )
         if result.returncode != 0:
             errors.append(f"{tool}-restore: {result.stderr.strip()}")
+    return errors
+
+
+def our_nft_tables() -> list[str]:
+    """kube-network-policies' nftables tables still present (`ip` and/or `inet` family), as `<family> <name>`.
+
+    Read with Debian's `nft`; without it (not installed) nothing can be seen and nothing is reported.
+    """
+    if shutil.which("nft") is None:
+        return []
+    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    tables = [line.split(maxsplit=1)[1] for line in out.splitlines() if line.startswith("table ")]
+    return [t for t in tables if t.split()[-1] == NETWORK_POLICY_TABLE]
+
+
+def remove_nft_tables() -> list[str]:
+    """Delete what `kube-network-policies --cleanup` (run first by `down`) did not."""
+    errors = []
+    for table in our_nft_tables():
+        result = subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True, text=True)
+        if result.returncode != 0:
+            errors.append(f"nft delete table {table}: {result.stderr.strip()}")
     return errors
 
 

@@ -1,4 +1,5 @@
-"""In-cluster objects `up` applies: CoreDNS, metrics-server, the default StorageClass, KWOK fake nodes.
+"""In-cluster objects `up` applies: CoreDNS, metrics-server, the default StorageClass, KWOK fake nodes, and the
+rights of kube-network-policies.
 
 Built as plain dicts (applied as one JSON List) so each piece reads like the upstream manifest it mirrors.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import CLUSTER_DOMAIN, DNS_SERVICE_IP
+from .config import CLUSTER_DOMAIN, DNS_SERVICE_IP, NETWORK_POLICY_USER
 from .provisioner import PROVISIONER, STORAGE_CLASS
 
 Obj = dict[str, Any]
@@ -238,6 +239,32 @@ def metrics_server(image: str) -> list[Obj]:
                 "insecureSkipTLSVerify": True,
                 "service": {"name": "metrics-server", "namespace": "kube-system"},
             },
+        },
+    ]
+
+
+def kube_network_policies_rbac() -> list[Obj]:
+    """Upstream's ClusterRole (install.yaml, NetworkPolicy only), bound to the host process's user."""
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": _meta("flownexus:kube-network-policies", None),
+            "rules": [
+                _rule([""], ["pods", "namespaces"], ["list", "watch"]),
+                _rule(["networking.k8s.io"], ["networkpolicies"], ["list", "watch"]),
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": _meta("flownexus:kube-network-policies", None),
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "flownexus:kube-network-policies",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": NETWORK_POLICY_USER}],
         },
     ]
 

@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import APISERVER_PORT, CLUSTER_DOMAIN, KUBERNETES_SERVICE_IP, NODE_NAME
+from .config import APISERVER_PORT, CLUSTER_DOMAIN, KUBERNETES_SERVICE_IP, NETWORK_POLICY_USER, NODE_NAME
 
 DAYS = "3650"
 
@@ -124,6 +124,8 @@ def ensure_pki(pki: Path, node_ip: str) -> None:
         Identity("controller-manager", "system:kube-controller-manager"),
         Identity("scheduler", "system:kube-scheduler"),
         Identity("kube-proxy", "system:kube-proxy", "system:node-proxier"),
+        # Bound to its ClusterRole by manifests.kube_network_policies_rbac().
+        Identity("kube-network-policies", NETWORK_POLICY_USER),
         Identity(
             "kubelet",
             f"system:node:{NODE_NAME}",

@@ -380,6 +380,45 @@ def management_answers(url: str) -> bool:
         return False
 
 
+def run_client_pod(serving: Serving, command: list[str], timeout: float = 120) -> str:
+    """Run ``command`` in a one-off pod of the server image in the namespace (Pod Security restricted); its
+    output. The pod is deleted afterwards."""
+    name = f"client-{uuid.uuid4().hex[:6]}"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "client",
+                    "image": SERVER_TAG,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": command,
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                }
+            ],
+        },
+    }
+    cluster, ns = serving.cluster, ["-n", serving.namespace]
+    cluster.apply(pod, namespace=serving.namespace)
+    try:
+        wait_until(
+            f"pod {name} done",
+            lambda: cluster.get(*ns, "pod", name)["status"].get("phase") in {"Succeeded", "Failed"},
+            timeout,
+        )
+        phase = cluster.get(*ns, "pod", name)["status"]["phase"]
+        out = cluster.kubectl(*ns, "logs", name).stdout
+        assert phase == "Succeeded", f"{name} {phase}:\n{out}"
+        return out
+    finally:
+        cluster.kubectl(*ns, "delete", "pod", name, "--wait=false", check=False)
+
+
 def scrape(url: str) -> dict[str, float]:
     """The samples of a Prometheus text page, keyed by their full series name."""
     with urllib.request.urlopen(url, timeout=5) as resp:
@@ -424,17 +463,15 @@ def test_first_version_becomes_available_and_answers_in_the_cluster(serving: Ser
     assert conditions(st) == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
     assert [h["outcome"] for h in st["history"]] == ["Deployed"]
 
-    # A client in the cluster reaches the endpoint by its DNS name (here: from the serving pod itself).
+    # A client pod of the namespace (which the NetworkPolicy admits by default) reaches the endpoint by its DNS
+    # name. Not the serving pod itself: its policy allows it no egress at all, DNS included.
     script = (
         "import json, sys, urllib.request as u\n"
         "rows = [[float(x) for x in sys.argv[2:]]]\n"
         "req = u.Request(sys.argv[1], json.dumps({'inputs': rows}).encode(), {'Content-Type': 'application/json'})\n"
         "print(u.urlopen(req, timeout=30).read().decode())\n"
     )
-    answer = serving.cluster.kubectl(
-        "-n", serving.namespace, "exec", f"deploy/{MD}-stable", "-c", "torchserve", "--",
-        "python", "-c", script, st["endpoint"], *map(str, DIGIT_ROW),
-    ).stdout  # fmt: skip
+    answer = run_client_pod(serving, ["python", "-c", script, st["endpoint"], *map(str, DIGIT_ROW)])
     prediction = json.loads(answer)["predictions"][0]
     assert prediction["label"] == "0" and prediction["probabilities"]["0"] > 0.5, prediction
 

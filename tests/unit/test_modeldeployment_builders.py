@@ -274,13 +274,56 @@ def test_hpa_targets_the_stable_deployment(overrides: dict[str, Any], expected: 
         assert spec["metrics"][1]["pods"]["target"] == {"type": "AverageValue", "averageValue": "100"}
 
 
-def test_pdb_and_network_policy() -> None:
+def test_pdb() -> None:
     pdb = build_pdb(ctx())
     assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"flownexus.io/modeldeployment": "digits"}}}
-    netpol = build_network_policy(ctx())
-    ports = sorted(rule["ports"][0]["port"] for rule in netpol["spec"]["ingress"])
-    assert ports == [8080, 8082]  # never the management port
-    assert netpol["spec"]["policyTypes"] == ["Ingress"]
+
+
+OWN_NAMESPACE = [{"podSelector": {}}]
+MONITORING = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+WEB_FRONTENDS = {
+    "namespaceSelector": {"matchLabels": {"team": "web"}},
+    "podSelector": {"matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In", "values": ["api"]}]},
+}
+PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}
+
+
+@pytest.mark.parametrize(
+    ("serving", "inference_from", "metrics_from"),
+    [
+        pytest.param({}, OWN_NAMESPACE, MONITORING, id="defaults"),
+        pytest.param({"allowedFrom": [], "metricsFrom": []}, OWN_NAMESPACE, MONITORING, id="empty-lists-are-defaults"),
+        pytest.param({"allowedFrom": [WEB_FRONTENDS]}, [WEB_FRONTENDS], MONITORING, id="custom-inference-peers"),
+        pytest.param(
+            {"allowedFrom": [{"podSelector": {}}, {"namespaceSelector": {}}]},
+            [{"podSelector": {}}, {"namespaceSelector": {}}],
+            MONITORING,
+            id="own-namespace-and-every-namespace",
+        ),
+        pytest.param({"metricsFrom": [PROMETHEUS]}, OWN_NAMESPACE, [PROMETHEUS], id="custom-metrics-peers"),
+        pytest.param(
+            {"allowedFrom": [{"podSelector": {"matchLabels": {"role": "client"}}}], "metricsFrom": [PROMETHEUS]},
+            [{"podSelector": {"matchLabels": {"role": "client"}}}],
+            [PROMETHEUS],
+            id="both-custom",
+        ),
+    ],
+)
+def test_network_policy_admits_the_peers_per_port_and_denies_egress(
+    serving: dict[str, Any], inference_from: list[dict[str, Any]], metrics_from: list[dict[str, Any]]
+) -> None:
+    netpol = build_network_policy(ctx(**{f"spec.serving.{k}": v for k, v in serving.items()}))
+    spec = netpol["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"flownexus.io/modeldeployment": "digits"}}
+    # Inference and metrics only, never the management port, each from its own peers; no rule has an empty
+    # `from` (which would admit every source).
+    assert spec["ingress"] == [
+        {"from": inference_from, "ports": [{"protocol": "TCP", "port": 8080}]},
+        {"from": metrics_from, "ports": [{"protocol": "TCP", "port": 8082}]},
+    ]
+    # Egress is a policy type with no rule: the serving pods may open no connection at all.
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["egress"] == []
 
 
 def test_every_child_is_owned_by_the_modeldeployment() -> None:

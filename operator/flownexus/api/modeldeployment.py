@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from .common import (
+    RESOURCE_NAME_PATTERN,
     ApiModel,
     ArchivePath,
     CelRule,
     Condition,
     Interval,
+    LabelValue,
     Name,
     ObjectRef,
     ResourceRequirements,
@@ -59,6 +62,103 @@ class ModelSource(ApiModel):
         return self
 
 
+LABEL_KEY_MAX_LENGTH = 317  # a DNS subdomain prefix (253), '/', a name (63)
+LABEL_KEY_MESSAGE = (
+    "label keys are qualified names: a name, optionally after a DNS subdomain and '/' (app.kubernetes.io/name)"
+)
+MONITORING_NAMESPACE = "monitoring"
+
+
+def _label_key_ok(key: str) -> bool:
+    return len(key) <= LABEL_KEY_MAX_LENGTH and re.fullmatch(RESOURCE_NAME_PATTERN, key) is not None
+
+
+class LabelSelectorRequirement(ApiModel):
+    """One matchExpressions entry of a label selector."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {
+            "rule": "self.operator in ['In', 'NotIn'] ? has(self.values) && size(self.values) > 0 : !has(self.values)",
+            "message": "In and NotIn need values; Exists and DoesNotExist take none",
+        },
+    ]
+
+    key: str = Field(
+        max_length=LABEL_KEY_MAX_LENGTH, pattern=RESOURCE_NAME_PATTERN, description="The label key, e.g. team."
+    )
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[LabelValue] | None = Field(
+        default=None, max_length=64, description="The label values for In and NotIn; none for the others."
+    )
+
+    @model_validator(mode="after")
+    def _values_match_operator(self) -> LabelSelectorRequirement:
+        ok = bool(self.values) if self.operator in ("In", "NotIn") else self.values is None
+        if not ok:
+            raise ValueError("In and NotIn need values; Exists and DoesNotExist take none")
+        return self
+
+
+class LabelSelector(ApiModel):
+    """A Kubernetes label selector; empty (`{}`) selects everything."""
+
+    match_labels: dict[str, LabelValue] | None = Field(
+        default=None,
+        max_length=16,
+        description="Labels that must all be present with these values.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.all(k, size(k) <= {LABEL_KEY_MAX_LENGTH} && k.matches(r'{RESOURCE_NAME_PATTERN}'))",
+                    "message": LABEL_KEY_MESSAGE,
+                }
+            ]
+        },
+    )
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        default=None, max_length=16, description="Requirements that must all hold."
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> LabelSelector:
+        if not all(_label_key_ok(k) for k in self.match_labels or {}):
+            raise ValueError(LABEL_KEY_MESSAGE)
+        return self
+
+
+class NetworkPeer(ApiModel):
+    """Pods allowed to connect, as a NetworkPolicy peer (namespaceSelector, podSelector or both)."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {
+            "rule": "has(self.namespaceSelector) || has(self.podSelector)",
+            "message": "set namespaceSelector, podSelector or both",
+        },
+    ]
+
+    namespace_selector: LabelSelector | None = Field(
+        default=None,
+        description="Namespaces by label, e.g. {matchLabels: {kubernetes.io/metadata.name: web}}; {} is every "
+        "namespace. Alone: every pod of those namespaces.",
+    )
+    pod_selector: LabelSelector | None = Field(
+        default=None,
+        description="Pods by label; {} is every pod. Alone: pods of the ModelDeployment's own namespace; with "
+        "namespaceSelector: pods of the selected namespaces.",
+    )
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> NetworkPeer:
+        if self.namespace_selector is None and self.pod_selector is None:
+            raise ValueError("set namespaceSelector, podSelector or both")
+        return self
+
+
+def namespace_peer(namespace: str) -> NetworkPeer:
+    """Every pod of the namespace called `namespace` (its kubernetes.io/metadata.name label)."""
+    return NetworkPeer(namespace_selector=LabelSelector(match_labels={"kubernetes.io/metadata.name": namespace}))
+
+
 class ServingSpec(ApiModel):
     """TorchServe settings."""
 
@@ -78,6 +178,19 @@ class ServingSpec(ApiModel):
         default=None,
         description="Require this Secret's `key` as a bearer token on the inference API; unset leaves it open "
         "to the in-cluster clients the NetworkPolicy admits.",
+    )
+    allowed_from: list[NetworkPeer] | None = Field(
+        default=None,
+        max_length=16,
+        description="Pods that may call the inference port, as NetworkPolicy peers. Unset or empty: only the "
+        "pods of the ModelDeployment's own namespace. A list replaces that default (add {podSelector: {}} to "
+        "keep the own namespace).",
+    )
+    metrics_from: list[NetworkPeer] | None = Field(
+        default=None,
+        max_length=16,
+        description=f"Pods that may scrape the metrics port, as NetworkPolicy peers. Unset or empty: every pod "
+        f"of the namespace named {MONITORING_NAMESPACE!r}.",
     )
 
 
