@@ -15,7 +15,6 @@ import yaml
 from tests.factories import neural_cluster, training_job
 from tests.realapi.conftest import REPO, Harness
 
-from flownexus.policies import POLICY_NAME
 from flownexus_trainer.progress import EpochMetrics, KubeStatusSink, Progress
 
 pytestmark = pytest.mark.realapi
@@ -23,11 +22,19 @@ POLICY_FILE = REPO / "policies" / "trainer-status.yaml"
 ADMISSION = "/apis/admissionregistration.k8s.io/v1"
 
 
+PLURALS = {
+    "ValidatingAdmissionPolicy": "validatingadmissionpolicies",
+    "ValidatingAdmissionPolicyBinding": "validatingadmissionpolicybindings",
+    "MutatingAdmissionPolicy": "mutatingadmissionpolicies",
+    "MutatingAdmissionPolicyBinding": "mutatingadmissionpolicybindings",
+}
+
+
 def _install_policy(h: Harness) -> None:
-    policy, binding = list(yaml.safe_load_all(POLICY_FILE.read_text()))
-    for plural, obj in (("validatingadmissionpolicies", policy), ("validatingadmissionpolicybindings", binding)):
+    for obj in yaml.safe_load_all(POLICY_FILE.read_text()):
+        plural = PLURALS[obj["kind"]]
         present = h.user.request("GET", f"{ADMISSION}/{plural}")["items"]
-        if any(i["metadata"]["name"] == POLICY_NAME for i in present):
+        if any(i["metadata"]["name"] == obj["metadata"]["name"] for i in present):
             continue  # the control plane is shared by the tests of a session
         h.user.request("POST", f"{ADMISSION}/{plural}", body=obj)
 
@@ -154,3 +161,36 @@ def test_the_operator_is_not_constrained_by_the_policy(trainer: tuple[Harness, K
     h.job_running("digits-a1")
     h.reconcile("TrainingJob", "digits")
     assert h.get("TrainingJob", "digits")["status"]["phase"] == "Running"
+
+
+def _worker_pod(h: Harness, index: int, role: str = "worker") -> dict[str, Any]:
+    """A pod as the Job controller creates it for completion index ``index`` of attempt 1."""
+    labels = {"flownexus.io/trainingjob": "digits", "flownexus.io/role": role,
+              "batch.kubernetes.io/job-completion-index": str(index)}  # fmt: skip
+    spec = {
+        "serviceAccountName": "digits-trainer",
+        "containers": [{"name": "trainer", "image": "trainer",
+                        "volumeMounts": [{"name": "config", "mountPath": "/etc/flownexus"}]}],
+        "volumes": [{"name": "config", "emptyDir": {}}],
+    }  # fmt: skip
+    body = {"metadata": {"name": f"digits-a1-{index}-{role[:3]}", "labels": labels}, "spec": spec}
+    return h.user.request("POST", f"/api/v1/namespaces/{h.ns}/pods", body=body)
+
+
+def _token_mounted(pod: dict[str, Any]) -> bool:
+    volumes = [v["name"] for v in pod["spec"].get("volumes") or []]
+    mounts = [m["name"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts") or []]
+    return any(v.startswith("kube-api-access-") for v in volumes + mounts)
+
+
+def test_only_rank_0s_pod_gets_a_serviceaccount_token(
+    trainer: tuple[Harness, KubeStatusSink, KubeStatusSink],
+) -> None:
+    h, _, _ = trainer
+    rank0, rank1, rank2 = (_worker_pod(h, i) for i in range(3))
+    assert _token_mounted(rank0)
+    for pod in (rank1, rank2):
+        assert not _token_mounted(pod) and pod["spec"]["automountServiceAccountToken"] is False
+        assert [m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]] == ["config"]  # the rest stays
+    # Pods that are not a TrainingJob's workers are left alone (the validator mounts no token by itself).
+    assert _token_mounted(_worker_pod(h, 1, role="validator"))
