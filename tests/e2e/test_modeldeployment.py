@@ -564,8 +564,14 @@ def test_good_canary_is_promoted_through_every_step_under_load(serving: Serving)
     assert st["lastAnalysis"]["outcome"] == "Passed"
     assert st.get("canary") is None
     assert len(serving.events("CanaryStepAdvanced")) >= 1 and serving.events("Promoted")
-    assert (
-        serving.cluster.kubectl("-n", serving.namespace, "get", "deploy", f"{MD}-canary", check=False).returncode != 0
+    # Deleted in the foreground: the Deployment goes once its pods are gone.
+    wait_until(
+        "the canary Deployment gone",
+        lambda: (
+            serving.cluster.kubectl("-n", serving.namespace, "get", "deploy", f"{MD}-canary", check=False).returncode
+            != 0
+        ),
+        90,
     )
     stable = serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")
     assert stable["spec"]["template"]["metadata"]["labels"]["flownexus.io/version"] == "2.0.0"
