@@ -33,6 +33,14 @@ class NoData:
     reason: str
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """Prometheus refused the query itself (a syntax error, an unknown function): no slot can ever get data,
+    so the analysis counts it as a failed check and says Prometheus' words."""
+
+    reason: str
+
+
 QueryResult = float | NoData
 
 

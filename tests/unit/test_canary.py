@@ -24,7 +24,7 @@ from flownexus.modeldeployment.decide import (
     wants_tick,
 )
 from flownexus.modeldeployment.reconciler import status_wire
-from flownexus.prometheus import NoData
+from flownexus.prometheus import NoData, Rejected
 from tests.factories import model_deployment
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -410,12 +410,42 @@ def test_a_bad_canary_is_rolled_back_within_interval_times_n_plus_one_interval(
     assert st.last_analysis is not None and st.last_analysis.latency_p99_ms == 250.0
 
 
-def test_no_data_never_rolls_back_nor_promotes() -> None:
-    sp = spec(**{"spec.rollout.interval": "30s"})
+def test_no_data_waits_until_the_no_data_timeout_and_never_promotes() -> None:
+    sp = spec(**{"spec.rollout.interval": "30s", "spec.rollout.noDataTimeout": "1h"})
     with pytest.raises(AssertionError, match="not RolledBack"):
         simulate(sp, EMPTY, 10.0, Phase.ROLLED_BACK, limit_s=600)
     with pytest.raises(AssertionError, match="not Promoting"):
         simulate(sp, EMPTY, 10.0, Phase.PROMOTING, limit_s=600)
+
+
+def test_past_the_no_data_timeout_every_slot_without_data_is_a_failed_check() -> None:
+    sp = spec(**{"spec.rollout.interval": "30s", "spec.rollout.failedChecksBeforeRollback": 3})
+    assert sp.rollout.no_data_timeout == "5m"  # the default
+    elapsed, _, st = simulate(sp, EMPTY, 10.0, Phase.ROLLED_BACK, limit_s=1200)
+    # The first slot without data starts the clock (30 s); slots from 5 min after it fail; three of them roll back.
+    assert 30 + 300 + 2 * 30 <= elapsed <= 30 + 300 + 3 * 30 + 10, elapsed
+    last = st.history[-1]
+    assert last.outcome == "RolledBack" and "rollout.noDataTimeout 5m" in (last.reason or "")
+
+
+def test_data_resets_the_no_data_clock() -> None:
+    st = decide(spec(), in_canary(), obs(T0 + timedelta(minutes=1), measurement=EMPTY), 2).status
+    assert st.canary is not None and st.canary.no_data_since == now_str(T0 + timedelta(minutes=1))
+    st = decide(spec(), st, obs(T0 + timedelta(minutes=2), measurement=GOOD), 2).status
+    assert st.canary is not None and st.canary.no_data_since is None
+
+
+def test_a_query_prometheus_rejects_is_a_failed_check_with_its_words() -> None:
+    rejected = Measurement(
+        error_rate=Rejected('Prometheus rejected the query: bad_data: parse error: unexpected "}"'),
+        latency_p99_ms=20.0,
+    )
+    plan = decide(spec(), in_canary(), obs(T0 + timedelta(minutes=1), measurement=rejected), 2)
+    st = plan.status
+    assert st.last_analysis is not None and st.last_analysis.outcome == "Failed"
+    assert st.canary is not None and st.canary.failed_checks == 1
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "AnalysisFailed")]
+    assert "parse error" in plan.events[0].message
 
 
 def test_a_good_canary_is_promoted_after_every_step() -> None:

@@ -13,7 +13,7 @@ from flownexus.api.neuralcluster import NeuralClusterSpec
 from flownexus.modeldeployment import reconciler as rec
 from flownexus.modeldeployment.children import ServingContext
 from flownexus.modeldeployment.decide import DeploymentView, Measurement, Observed, decide, now_str
-from flownexus.prometheus import CanarySelector, NoData, PrometheusError, QueryResult
+from flownexus.prometheus import CanarySelector, PrometheusError, QueryResult, Rejected
 from flownexus.runtime.cache import Cache
 from flownexus.runtime.controller import Action, Apply, Emit
 from tests.factories import model_deployment, neural_cluster, training_job
@@ -212,7 +212,7 @@ def test_a_pending_deployment_creates_no_children() -> None:
     assert [type(a).__name__ for a in rec.actions(ctx, plan, Observed(now=T0))] == ["Emit"]
 
 
-def test_measure_turns_rejected_queries_into_no_data() -> None:
+def test_measure_marks_queries_prometheus_rejects_with_its_error_and_the_query() -> None:
     class Rejecting:
         def query(self, promql: str) -> QueryResult:
             raise PrometheusError("Prometheus rejected the query: parse error")
@@ -221,8 +221,8 @@ def test_measure_turns_rejected_queries_into_no_data() -> None:
     spec = ModelDeploymentSpec.model_validate(obj["spec"])
     ctx = ServingContext(obj, spec, NeuralClusterSpec.model_validate(neural_cluster()["spec"]), "demo-artifacts")
     m = rec.measure(Rejecting(), ctx, CanarySelector("digits", "digits-canary-"))
-    assert isinstance(m.error_rate, NoData) and "parse error" in m.error_rate.reason
-    assert isinstance(m.latency_p99_ms, NoData)
+    assert isinstance(m.error_rate, Rejected) and "parse error" in m.error_rate.reason
+    assert "query: " in m.error_rate.reason and isinstance(m.latency_p99_ms, Rejected)
 
 
 def test_observed_is_only_what_decide_needs() -> None:

@@ -252,6 +252,13 @@ Window = Annotated[
     _positive_duration("Prometheus computes the canary's rates over this range"),
 ]
 
+# How long the canary may go without data before every NoData slot counts as a failed check.
+NoDataTimeout = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH),
+    _positive_duration("0s would count the first slot without data as a failed check; use 1s for that"),
+]
+
 # ---- image references ----------------------------------------------------------------------------------
 
 # The distribution/reference grammar: [host[:port]/]path[:tag][@algorithm:hex]; RE2 and Python alike.

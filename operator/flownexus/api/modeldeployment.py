@@ -16,6 +16,7 @@ from .common import (
     Interval,
     LabelValue,
     Name,
+    NoDataTimeout,
     ObjectRef,
     ResourceRequirements,
     StatusModel,
@@ -247,6 +248,11 @@ class RolloutSpec(ApiModel):
     failed_checks_before_rollback: int = Field(
         default=3, ge=1, le=100, description="Failed checks that trigger the rollback."
     )
+    no_data_timeout: NoDataTimeout = Field(
+        default="5m",
+        description="How long the canary may go without data (no requests, no series, Prometheus unreachable) "
+        "before every further analysis without data counts as a failed check.",
+    )
 
     @model_validator(mode="after")
     def _steps_increasing(self) -> RolloutSpec:
@@ -298,6 +304,9 @@ class CanaryState(ServedVersion):
     step: int = Field(default=0, description="Index into spec.rollout.steps.")
     failed_checks: int = Field(default=0, description="Failed analysis checks so far.")
     step_started_at: str | None = Field(default=None, description="When the current step began (RFC 3339).")
+    no_data_since: str | None = Field(
+        default=None, description="First analysis of the current run without data (RFC 3339); none once data came."
+    )
 
 
 class AnalysisResult(StatusModel):

@@ -22,7 +22,7 @@ from ..api.modeldeployment import (
     ServedVersion,
 )
 from ..meta import TIME_FORMAT, parse_time, set_condition
-from ..prometheus import NoData, QueryResult
+from ..prometheus import NoData, QueryResult, Rejected
 from .children import achieved_weight, canary_replicas, max_replicas
 
 HISTORY_LIMIT = 50  # entries kept in status.history
@@ -85,8 +85,8 @@ class DeploymentView:
 class Measurement:
     """One analysis of the canary, as Prometheus answered."""
 
-    error_rate: QueryResult
-    latency_p99_ms: QueryResult
+    error_rate: QueryResult | Rejected
+    latency_p99_ms: QueryResult | Rejected
 
 
 @dataclass(frozen=True)
@@ -171,13 +171,17 @@ def evaluate(spec: ModelDeploymentSpec, m: Measurement, now: datetime) -> Analys
     limits = spec.rollout.thresholds
     failed: list[str] = []
     missing: list[str] = []
-    error_rate = None if isinstance(m.error_rate, NoData) else m.error_rate
-    p99 = None if isinstance(m.latency_p99_ms, NoData) else m.latency_p99_ms
-    if isinstance(m.error_rate, NoData):
+    error_rate = m.error_rate if isinstance(m.error_rate, float | int) else None
+    p99 = m.latency_p99_ms if isinstance(m.latency_p99_ms, float | int) else None
+    if isinstance(m.error_rate, Rejected):
+        failed.append(f"error rate: {m.error_rate.reason}")
+    elif isinstance(m.error_rate, NoData):
         missing.append(f"error rate: {m.error_rate.reason}")
     elif m.error_rate > limits.max_error_rate:
         failed.append(f"error rate {m.error_rate:.4f} > {limits.max_error_rate}")
-    if isinstance(m.latency_p99_ms, NoData):
+    if isinstance(m.latency_p99_ms, Rejected):
+        failed.append(f"p99 latency: {m.latency_p99_ms.reason}")
+    elif isinstance(m.latency_p99_ms, NoData):
         missing.append(f"p99 latency: {m.latency_p99_ms.reason}")
     elif not math.isfinite(m.latency_p99_ms) or m.latency_p99_ms > limits.max_latency_p99_ms:
         failed.append(f"p99 latency {m.latency_p99_ms:.1f} ms > {limits.max_latency_p99_ms} ms")
@@ -318,17 +322,28 @@ def _canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: in
     result = evaluate(spec, obs.measurement, obs.now)
     st.last_analysis = result
     plan.decisions.append(result.outcome.lower())
+    failure = result.message
     if result.outcome == "NoData":
-        plan.events.append(Event("Normal", "AnalysisNoData", f"canary {canary.version}: no data ({result.message})"))
-        _phase(plan, spec, Phase.CANARY.value, "AnalysisNoData", f"waiting for data: {result.message}", generation)
-        return plan
-    if result.outcome == "Failed":
+        canary.no_data_since = canary.no_data_since or now_str(obs.now)
+        since = parse_time(canary.no_data_since) or obs.now
+        timeout = spec.rollout.no_data_timeout
+        if (obs.now - since).total_seconds() < parse_duration(timeout):
+            plan.events.append(
+                Event("Normal", "AnalysisNoData", f"canary {canary.version}: no data ({result.message})")
+            )
+            _phase(plan, spec, Phase.CANARY.value, "AnalysisNoData", f"waiting for data: {result.message}", generation)
+            return plan
+        # Past the deadline, a slot without data is a failed check (as Flagger counts it).
+        failure = f"no data since {canary.no_data_since} (rollout.noDataTimeout {timeout}): {result.message}"
+    else:
+        canary.no_data_since = None
+    if result.outcome != "Passed":
         canary.failed_checks += 1
         limit = spec.rollout.failed_checks_before_rollback
         if canary.failed_checks >= limit:
-            why = f"{canary.failed_checks} of {limit} checks failed; last: {result.message}"
+            why = f"{canary.failed_checks} of {limit} checks failed; last: {failure}"
             return _rollback(spec, plan, obs, why, generation)
-        message = f"check failed ({canary.failed_checks}/{limit}): {result.message}"
+        message = f"check failed ({canary.failed_checks}/{limit}): {failure}"
         plan.events.append(Event("Warning", "AnalysisFailed", f"canary {canary.version}: {message}"))
         _phase(plan, spec, Phase.CANARY.value, "AnalysisFailed", message, generation)
         return plan

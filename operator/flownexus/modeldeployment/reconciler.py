@@ -28,6 +28,7 @@ from ..prometheus import (
     NoData,
     PrometheusError,
     QueryResult,
+    Rejected,
     error_rate_query,
     latency_p99_ms_query,
 )
@@ -176,11 +177,11 @@ def measure(provider: MetricsProvider | None, ctx: ServingContext, sel: CanarySe
         return Measurement(error_rate=missing, latency_p99_ms=missing)
     window = ctx.spec.rollout.thresholds.window
 
-    def run(promql: str) -> QueryResult:
+    def run(promql: str) -> QueryResult | Rejected:
         try:
             return provider.query(promql)
         except PrometheusError as exc:
-            return NoData(str(exc))
+            return Rejected(f"{exc} (query: {promql})")
 
     return Measurement(
         error_rate=run(error_rate_query(sel, window)), latency_p99_ms=run(latency_p99_ms_query(sel, window))
