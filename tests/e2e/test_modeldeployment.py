@@ -266,6 +266,7 @@ def serving(
                 "serving.batchSize": 8,
                 "autoscaling.minReplicas": 1,  # two cores: one stable pod, one canary pod
                 "autoscaling.maxReplicas": 2,
+                "autoscaling.scaleUpStabilization": "0s",  # the HPA test measures scale-up, not the 3 m default
                 "rollout.steps": [25, 50],
                 "rollout.interval": f"{INTERVAL_S}s",
                 "rollout.failedChecksBeforeRollback": FAILED_CHECKS,

@@ -274,6 +274,28 @@ def test_hpa_targets_the_stable_deployment(overrides: dict[str, Any], expected: 
         assert spec["metrics"][1]["pods"]["target"] == {"type": "AverageValue", "averageValue": "100"}
 
 
+@pytest.mark.parametrize(
+    ("autoscaling", "up", "down", "memory"),
+    [
+        ({}, 180, 300, None),  # the requirements' 3 m up and 5 m down
+        ({"scaleUpStabilization": "0s", "scaleDownStabilization": "1h", "targetMemoryUtilization": 80}, 0, 3600, 80),
+    ],
+)
+def test_hpa_stabilization_windows_and_memory_target(
+    autoscaling: dict[str, Any], up: int, down: int, memory: int | None
+) -> None:
+    hpa = build_hpa(ctx(**{"spec.autoscaling": autoscaling}))
+    assert hpa is not None
+    spec = hpa["spec"]
+    assert spec["behavior"] == {
+        "scaleUp": {"stabilizationWindowSeconds": up},
+        "scaleDown": {"stabilizationWindowSeconds": down},
+    }
+    targets = {m["resource"]["name"]: m["resource"]["target"] for m in spec["metrics"] if m["type"] == "Resource"}
+    assert targets["cpu"]["averageUtilization"] == 70
+    assert (targets.get("memory") or {}).get("averageUtilization") == memory
+
+
 def test_pdb() -> None:
     pdb = build_pdb(ctx())
     assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"flownexus.io/modeldeployment": "digits"}}}

@@ -259,6 +259,21 @@ NoDataTimeout = Annotated[
     _positive_duration("0s would count the first slot without data as a failed check; use 1s for that"),
 ]
 
+# An HPA stabilization window: 0s (act on the newest recommendation) up to the HPA's limit of one hour.
+StabilizationWindow = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH),
+    Rules(
+        (
+            Check(
+                "duration(self) <= duration('1h')",
+                lambda v: duration_seconds(v) <= 3600,
+                "must be at most 1h: the HorizontalPodAutoscaler's stabilization window is at most 3600 seconds",
+            ),
+        )
+    ),
+]
+
 # ---- image references ----------------------------------------------------------------------------------
 
 # The distribution/reference grammar: [host[:port]/]path[:tag][@algorithm:hex]; RE2 and Python alike.

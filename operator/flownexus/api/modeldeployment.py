@@ -19,6 +19,7 @@ from .common import (
     NoDataTimeout,
     ObjectRef,
     ResourceRequirements,
+    StabilizationWindow,
     StatusModel,
     Version,
     Window,
@@ -206,6 +207,20 @@ class AutoscalingSpec(ApiModel):
     min_replicas: int = Field(default=2, ge=1, le=1000, description="HPA minReplicas.")
     max_replicas: int = Field(default=10, ge=1, le=1000, description="HPA maxReplicas.")
     target_cpu_utilization: int = Field(default=70, ge=1, le=100, description="Average CPU utilization target (%).")
+    target_memory_utilization: int | None = Field(
+        default=None,
+        ge=1,
+        le=200,
+        description="Also scale on average memory utilization (% of the memory request). Off by default: "
+        "TorchServe's JVM and worker keep their memory under any load, so a memory target below the idle "
+        "use pins the HPA at maxReplicas (docs/MODELDEPLOYMENT.md).",
+    )
+    scale_up_stabilization: StabilizationWindow = Field(
+        default="3m", description="Scale up only to the lowest recommendation of this window (0s: at once)."
+    )
+    scale_down_stabilization: StabilizationWindow = Field(
+        default="5m", description="Scale down only to the highest recommendation of this window."
+    )
     target_requests_per_second: float | None = Field(
         default=None,
         gt=0.0,

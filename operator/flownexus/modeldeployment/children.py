@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from ..api.common import duration_seconds
 from ..api.modeldeployment import MONITORING_NAMESPACE, ModelDeploymentSpec, namespace_peer
 from ..api.neuralcluster import NeuralClusterSpec
 from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
@@ -404,7 +405,8 @@ def build_service(ctx: ServingContext, route_canary: bool) -> Manifest:
 
 
 def build_hpa(ctx: ServingContext) -> Manifest | None:
-    """The stable Deployment's HPA (CPU, optionally requests per second per pod); None when disabled."""
+    """The stable Deployment's HPA (CPU, optionally memory and requests per second per pod, stabilization
+    windows for both directions); None when disabled."""
     auto = ctx.spec.autoscaling
     if not auto.enabled:
         return None
@@ -417,6 +419,16 @@ def build_hpa(ctx: ServingContext) -> Manifest | None:
             },
         }
     ]
+    if auto.target_memory_utilization is not None:
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "memory",
+                    "target": {"type": "Utilization", "averageUtilization": auto.target_memory_utilization},
+                },
+            }
+        )
     if auto.target_requests_per_second is not None:
         # Served by a custom metrics adapter (e.g. prometheus-adapter) from TorchServe's request counter.
         metrics.append(
@@ -441,6 +453,10 @@ def build_hpa(ctx: ServingContext) -> Manifest | None:
             "minReplicas": auto.min_replicas,
             "maxReplicas": auto.max_replicas,
             "metrics": metrics,
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": int(duration_seconds(auto.scale_up_stabilization))},
+                "scaleDown": {"stabilizationWindowSeconds": int(duration_seconds(auto.scale_down_stabilization))},
+            },
         },
     }
 
