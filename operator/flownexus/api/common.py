@@ -239,30 +239,33 @@ def _positive_duration(why: str) -> Rules:
     )
 
 
+# The syntax every duration field shares (30s, 5m, 1h); each type adds its own bounds.
+_DURATION = Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH)
+
 # The canary is analysed once per interval (slots of `interval` seconds: 0s divides by zero).
 Interval = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH),
+    _DURATION,
     _positive_duration("the canary is analysed once per interval"),
 ]
 # PromQL rate() over an empty range has no samples: every analysis would be NoData.
 Window = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH),
+    _DURATION,
     _positive_duration("Prometheus computes the canary's rates over this range"),
 ]
 
 # How long the canary may go without data before every NoData slot counts as a failed check.
 NoDataTimeout = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH),
+    _DURATION,
     _positive_duration("0s would count the first slot without data as a failed check; use 1s for that"),
 ]
 
 # An HPA stabilization window: 0s (act on the newest recommendation) up to the HPA's limit of one hour.
 StabilizationWindow = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH),
+    _DURATION,
     Rules(
         (
             Check(
