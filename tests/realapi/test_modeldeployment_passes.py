@@ -225,13 +225,18 @@ def test_a_crash_between_recording_a_rollback_and_acting_on_it_never_routes_to_t
     assert h.get("ModelDeployment", "digits")["status"]["phase"] == "RolledBack"
 
 
+def one_step_canary_passing(h: Harness) -> None:
+    """Version 2.0.0 as a one-step canary whose analysis passes, and its slot due: the next pass promotes."""
+    clock = serving_v1(h, StubPrometheus())
+    start_canary(h, rollout={"steps": [50]})
+    clock.now = T0 + timedelta(minutes=1, seconds=1)
+
+
 def test_a_crash_between_recording_a_promotion_and_acting_on_it_never_rolls_stable_back(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness
-    clock = serving_v1(h, StubPrometheus())
-    start_canary(h, rollout={"steps": [50]})
-    clock.now = T0 + timedelta(minutes=1, seconds=1)
+    one_step_canary_passing(h)
     _crash_after_record(h, monkeypatch)
     status = h.get("ModelDeployment", "digits")["status"]
     assert status["phase"] == "Promoting" and status["stable"]["version"] == "2.0.0"
@@ -247,9 +252,7 @@ def test_a_crash_between_recording_a_promotion_and_deleting_the_canary_never_let
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness
-    clock = serving_v1(h, StubPrometheus())
-    start_canary(h, rollout={"steps": [50]})
-    clock.now = T0 + timedelta(minutes=1, seconds=1)
+    one_step_canary_passing(h)
     h.reconcile("ModelDeployment", "digits")  # Promoting: stable rolls to 2.0.0
     deployment_ready(h, "digits-stable")
     _crash_after_record(h, monkeypatch)  # Available (Promoted) recorded; the canary's delete never sent

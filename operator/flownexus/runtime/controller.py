@@ -17,12 +17,12 @@ import copy
 import hashlib
 import json
 import logging
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import urllib3
 from pydantic import BaseModel, ValidationError
 
 from ..api.common import Condition, format_validation_error
@@ -130,7 +130,8 @@ def with_condition(status: Manifest, type_: str, value: str, reason: str, messag
 
 
 def without_condition(status: Manifest, type_: str) -> Manifest:
-    if not any(c.get("type") == type_ for c in status.get("conditions") or []):
+    """``status`` without the condition ``type_``: a copy when it had one, else ``status`` itself."""
+    if _condition(status, type_) is None:
         return status
     out = copy.deepcopy(status)
     out["conditions"] = [c for c in out["conditions"] if c.get("type") != type_]
@@ -185,11 +186,11 @@ class Controller:
                 requeue = await loop.run_in_executor(self._pools[kind], self.run_pass, kind, namespace, name)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 failures = self._failures.get((kind, namespace, name), 0) + 1
                 self._failures[(kind, namespace, name)] = failures
                 requeue = min(ERROR_RETRY_S[0] * 2 ** (failures - 1), ERROR_RETRY_S[1])
-                if _unreachable(sys.exc_info()[1]):
+                if _unreachable(exc):
                     # The API server is away (restarting): look again soon, not after a minute of backoff.
                     requeue = min(requeue, UNREACHABLE_RETRY_S)
                 log.exception("%s %s/%s: pass failed (retry in %.0fs)", kind, namespace, name, requeue)
@@ -253,9 +254,9 @@ class Controller:
                 # retry with backoff. Nothing else of this pass is done: later actions depend on earlier ones.
                 self._report_rejected(rec, obj, action, exc)
                 raise
-        stalled = _condition(obj, "Stalled")
+        stalled = _condition(obj.get("status"), "Stalled")
         if stalled is not None and stalled.get("reason") == REJECTED and stalled.get("status") == "True":
-            status = without_condition(copy.deepcopy(obj.get("status") or {}), "Stalled")
+            status = without_condition(obj["status"], "Stalled")
             try:
                 self.cache.upsert(self.client.replace_status(obj, status))
             except Conflict:
@@ -274,13 +275,11 @@ class Controller:
             what = "the Event"
         verb = {Apply: "creating or updating", Patch: "patching", Delete: "deleting"}.get(type(action), "posting")
         message = f"{verb} {what} was refused ({exc.status} {exc.reason}): {exc}"[:1000]
-        previous = _condition(obj, "Stalled")
+        previous = _condition(obj.get("status"), "Stalled")
         if previous is not None and previous.get("message") == message:
             return
-        status = with_condition(
-            copy.deepcopy(obj.get("status") or {}), "Stalled", "True", REJECTED, message,
-            obj["metadata"].get("generation"),
-        )  # fmt: skip
+        generation = obj["metadata"].get("generation")
+        status = with_condition(obj.get("status") or {}, "Stalled", "True", REJECTED, message, generation)
         try:
             self.cache.upsert(self.client.replace_status(obj, status))
             self.client.post_event(obj, "Warning", REJECTED, message)
@@ -309,14 +308,14 @@ class Controller:
         status = outcome.status if outcome.status is not None else _own_status(obj, self.reconcilers[obj["kind"]])
         generation = obj["metadata"].get("generation")
         if not taken:
-            stalled = next((c for c in status.get("conditions") or [] if c.get("type") == "Stalled"), None)
+            stalled = _condition(status, "Stalled")
             if stalled is not None and stalled.get("reason") == "OwnershipConflict":
                 outcome.status = without_condition(status, "Stalled")
             return outcome
         message = "; ".join(taken) + "; rename one of them"
         stalled = with_condition(status, "Stalled", "True", "OwnershipConflict", message, generation)
         actions: list[Action] = []
-        if not any(c.get("type") == "Stalled" for c in (obj.get("status") or {}).get("conditions") or []):
+        if _condition(obj.get("status"), "Stalled") is None:
             actions.append(Emit("Warning", "OwnershipConflict", message))
         return Outcome(status=stalled, actions=actions, requeue_after=60)
 
@@ -361,13 +360,12 @@ class Controller:
 
 def _unreachable(exc: BaseException | None) -> bool:
     """A connection that failed (refused, reset, timed out), as opposed to an answer from the API server."""
-    import urllib3
-
     return isinstance(exc, OSError | urllib3.exceptions.HTTPError) and not isinstance(exc, ApiError)
 
 
-def _condition(obj: Manifest, type_: str) -> Manifest | None:
-    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
+def _condition(status: Manifest | None, type_: str) -> Manifest | None:
+    """The condition ``type_`` of a status (wire form), if it has one."""
+    return next((c for c in (status or {}).get("conditions") or [] if c.get("type") == type_), None)
 
 
 def _own_status(obj: Manifest, rec: Reconciler) -> Manifest:

@@ -174,43 +174,51 @@ class TrainingJobReconciler:
         newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
         return str(newest.get("message") or "")[:ERROR_CHARS]
 
+    def _terminations(self, namespace: str, job: Manifest) -> list[tuple[Manifest, Manifest]]:
+        """(pod, terminated container state) of the pods of *this* Job (by its uid), as the API lists them."""
+        uid = job["metadata"]["uid"]
+        pods = self.client.list("Pod", namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}")
+        return [
+            (pod, cs["state"]["terminated"])
+            for pod in pods
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []
+            if (cs.get("state") or {}).get("terminated")
+        ]
+
     def _worker_error(self, namespace: str, job: Manifest) -> tuple[str, bool]:
         """What the failed attempt's pods said last (their termination messages), and whether a restart
         could help: a trainer that found its input wrong says ``retryable: false``."""
-        uid = job["metadata"]["uid"]
-        pods = self.client.list("Pod", namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}")
         said: list[tuple[str, bool]] = []
-        for pod in pods:
+        for pod, terminated in self._terminations(namespace, job):
             index = pod["metadata"].get("annotations", {}).get("batch.kubernetes.io/job-completion-index", "?")
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-                terminated = (cs.get("state") or {}).get("terminated") or {}
-                message = str(terminated.get("message") or "").strip()
-                if not message or terminated.get("exitCode") == 0:
-                    continue
-                try:
-                    parsed = json.loads(message)
-                    text, retryable = str(parsed["error"]), bool(parsed.get("retryable", True))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    text, retryable = message.splitlines()[-1], True  # the last log line (FallbackToLogsOnError)
-                said.append((f"worker {index}: {text}"[:ERROR_CHARS], retryable))
+            message = str(terminated.get("message") or "").strip()
+            if not message or terminated.get("exitCode") == 0:
+                continue
+            try:
+                parsed = json.loads(message)
+                text, retryable = str(parsed["error"]), bool(parsed.get("retryable", True))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                text, retryable = message.splitlines()[-1], True  # the last log line (FallbackToLogsOnError)
+            said.append((f"worker {index}: {text}"[:ERROR_CHARS], retryable))
         if not said:
             return "", True
         said.sort(key=lambda item: item[1])  # an input error first: it decides
         return said[0][0], said[0][1]
 
     def _termination_message(self, namespace: str, job: Manifest) -> dict[str, Any] | None:
-        """The verdict the validator wrote, read only from pods of *this* validator Job (by its uid)."""
-        uid = job["metadata"]["uid"]
-        pods = self.client.list("Pod", namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}")
-        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-                terminated = (cs.get("state") or {}).get("terminated")
-                if terminated and terminated.get("message"):
-                    try:
-                        parsed: dict[str, Any] = json.loads(terminated["message"])
-                        return parsed
-                    except json.JSONDecodeError:
-                        return {"error": terminated["message"][-500:]}
+        """The verdict the validator wrote (the newest pod's), read only from pods of *this* validator Job."""
+        newest_first = sorted(
+            self._terminations(namespace, job),
+            key=lambda t: t[0]["metadata"].get("creationTimestamp") or "",
+            reverse=True,
+        )
+        for _, terminated in newest_first:
+            if terminated.get("message"):
+                try:
+                    parsed: dict[str, Any] = json.loads(terminated["message"])
+                    return parsed
+                except json.JSONDecodeError:
+                    return {"error": terminated["message"][-500:]}
         return None
 
     def actions(self, obj: Manifest, ctx: TrainingContext | None, plan: Plan) -> list[Action]:
