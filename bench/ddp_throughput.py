@@ -40,7 +40,8 @@ def job_config(root: Path, name: str, batch: int, samples: int, epochs: int) -> 
 
 def run(root: Path, nproc: int, threads: int, batch: int, samples: int, epochs: int) -> float:
     name = f"p{nproc}-t{threads}-b{batch}"
-    config = job_config(root, name, batch, samples, epochs)
+    # training.batchSize is the global batch: per-rank batch x processes.
+    config = job_config(root, name, batch * nproc, samples, epochs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRAINER_SRC), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

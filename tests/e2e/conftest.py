@@ -162,6 +162,18 @@ def build_image(
     return result.stdout.strip().splitlines()[-1]
 
 
+SERVER_TAG = "flownexus/server:0.1.0"  # the name examples/neuralcluster.yaml uses
+
+
+@pytest.fixture(scope="session")
+def server_image(cluster: Cluster) -> str:
+    """The TorchServe image built from trainer_image/Containerfile.server, also named as in the examples: the
+    ModelDeployments' pods and the validator's served-latency step run it."""
+    return build_image(
+        REPO / "trainer_image", "server", containerfile="Containerfile.server", tag=SERVER_TAG, timeout=2400
+    )
+
+
 @pytest.fixture(scope="session")
 def web_image(cluster: Cluster) -> str:
     """The test HTTP server image, built by the harness (buildah) and loaded into the node."""

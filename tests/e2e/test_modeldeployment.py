@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from flownexus.modeldeployment.children import canary_replicas
-from tests.e2e.conftest import REPO, Cluster, _free_port, build_image, create_namespace, wait_until
+from tests.e2e.conftest import SERVER_TAG, Cluster, _free_port, create_namespace, wait_until
 from tests.e2e.test_trainingjob import artifact_dir, example
 from tests.integration.trainer.procs import run_torchrun, run_validator, write_job_config
 from tests.prereq import missing
@@ -43,7 +43,6 @@ from tests.unit.test_modeldeployment_docs import LUA, health
 
 pytestmark = pytest.mark.e2e
 
-SERVER_TAG = "flownexus/server:0.1.0"  # the name examples/neuralcluster.yaml uses
 MD = "digits"
 INTERVAL_S = 20  # rollout.interval
 FAILED_CHECKS = 2  # rollout.failedChecksBeforeRollback
@@ -60,14 +59,6 @@ ARCHIVES = {  # relative to the artifact store root
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def server_image(cluster: Cluster) -> str:
-    """The TorchServe image built from trainer_image/Containerfile.server, also named as in the examples."""
-    return build_image(
-        REPO / "trainer_image", "server", containerfile="Containerfile.server", tag=SERVER_TAG, timeout=2400
-    )
 
 
 def scrape_targets(cluster: Cluster) -> list[dict[str, Any]] | None:

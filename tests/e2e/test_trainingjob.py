@@ -86,7 +86,7 @@ def start_cluster(cluster: Cluster, namespace: str, image: str) -> None:
 
 
 def test_digits_trains_with_two_workers_and_passes_the_gate(
-    cluster: Cluster, namespace: str, operator: int, trainer_image: str
+    cluster: Cluster, namespace: str, operator: int, trainer_image: str, server_image: str
 ) -> None:
     start_cluster(cluster, namespace, trainer_image)
     started = time.monotonic()
@@ -94,8 +94,18 @@ def test_digits_trains_with_two_workers_and_passes_the_gate(
     status = wait_phase(cluster, namespace, "digits", {"Succeeded", "Failed"}, TRAIN_TIMEOUT_S)
     wall = time.monotonic() - started
     assert status["phase"] == "Succeeded", status
-    assert status["validation"]["passed"] is True
-    assert status["validation"]["accuracy"] >= 0.94
+    validation = status["validation"]
+    assert validation["passed"] is True
+    assert validation["accuracy"] >= 0.94
+    # The gate compared the model with its baselines on the same test rows.
+    assert validation["balancedAccuracy"] > validation["baselineTrivial"] + 0.5, validation
+    assert validation["balancedAccuracy"] >= validation["baselineLinear"] - 0.05, validation
+    # The latency it gated is the model behind TorchServe (the validator pod's second step), not the bare model.
+    assert validation["latencyP95Ms"] > validation["modelLatencyP95Ms"], validation
+    assert validation["latencyP95Ms"] <= 100, validation
+    pods = cluster.get("-n", namespace, "pods", "-l", "job-name=digits-validate")["items"]
+    assert [c["name"] for c in pods[0]["spec"]["initContainers"]] == ["validate"]
+    assert [c["name"] for c in pods[0]["spec"]["containers"]] == ["served-latency"]
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions["Validated"] == "True" and conditions["Succeeded"] == "True"
     # Both ranks really ran: the Job had two completions (one per torchrun node).
@@ -114,7 +124,7 @@ def test_digits_trains_with_two_workers_and_passes_the_gate(
 
 
 def test_deleted_worker_restarts_the_gang_from_the_checkpoint(
-    cluster: Cluster, namespace: str, operator: int, trainer_image: str
+    cluster: Cluster, namespace: str, operator: int, trainer_image: str, server_image: str
 ) -> None:
     start_cluster(cluster, namespace, trainer_image)
     tj = example(
@@ -157,24 +167,34 @@ def test_deleted_worker_restarts_the_gang_from_the_checkpoint(
 
 
 def test_unreachable_threshold_fails_naming_it(
-    cluster: Cluster, namespace: str, operator: int, trainer_image: str
+    cluster: Cluster, namespace: str, operator: int, trainer_image: str, server_image: str
 ) -> None:
     start_cluster(cluster, namespace, trainer_image)
     cluster.apply(
         example(
             "trainingjob-digits.yaml",
             namespace,
-            **{"training.epochs": 3, "distributed.workers": 1, "validation.minAccuracy": 0.9999},
+            **{
+                "training.epochs": 3,
+                "distributed.workers": 1,
+                "validation.minAccuracy": 0.9999,
+                # One client and a batch that waits 150 ms to fill: every request waits it out, past the 100 ms.
+                "validation.servedLatency": {"maxBatchDelayMs": 150},
+            },
         )
     )
     status = wait_phase(cluster, namespace, "digits", {"Succeeded", "Failed"}, TRAIN_TIMEOUT_S)
     assert status["phase"] == "Failed" and status["reason"] == "ValidationFailed"
-    assert any("minAccuracy" in t for t in status["validation"]["failedThresholds"]), status["validation"]
+    failed = status["validation"]["failedThresholds"]
+    assert any("minAccuracy" in t for t in failed), status["validation"]
+    assert any(t.startswith("maxLatencyP95Ms: served p95") for t in failed), failed
+    assert status["validation"]["latencyP95Ms"] > 100
+    assert not (status.get("artifacts") or {}).get("modelArchive"), status["artifacts"]
     assert {c["type"]: c["status"] for c in status["conditions"]}["Validated"] == "False"
 
 
 def test_a_dataset_that_does_not_exist_fails_the_job_at_once_naming_it(
-    cluster: Cluster, namespace: str, operator: int, trainer_image: str
+    cluster: Cluster, namespace: str, operator: int, trainer_image: str, server_image: str
 ) -> None:
     """An input error is not retried: the worker's own message (its termination message) reaches status and
     the job fails on attempt 1 although restarts are left."""

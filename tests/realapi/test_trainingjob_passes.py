@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from typing import Any
 
 import pytest
-from tests.factories import neural_cluster, training_job
+from tests.factories import model_deployment, neural_cluster, training_job
 from tests.realapi.conftest import Harness
+
+from flownexus.trainingjob.children import CONFIG_ANNOTATION
 
 pytestmark = pytest.mark.realapi
 
@@ -194,3 +198,40 @@ def test_validator_verdict_is_read_only_from_the_validator_jobs_own_pods(harness
     assert "without writing a verdict" in status["message"]
     assert validator["metadata"]["uid"]
     assert not any(c["type"] == "Validated" and c["status"] == "True" for c in status["conditions"])
+
+
+def validator_config(h: Harness) -> dict[str, Any]:
+    annotations = h.get("Job", "digits-validate")["spec"]["template"]["metadata"]["annotations"]
+    return dict(json.loads(annotations[CONFIG_ANNOTATION]))
+
+
+def test_the_validator_alone_learns_the_run_dir_of_the_champions_served_model(harness: Harness) -> None:
+    h = harness
+    h.create(model_deployment("served", **{"spec.serving.batchSize": 4, "spec.serving.maxBatchDelayMs": 15}))
+    h.set_status(
+        "ModelDeployment",
+        "served",
+        {"phase": "Available", "stable": {"version": "1.0.0", "archive": f"{h.ns}/old-0123abcd/model-store/old.mar"}},
+    )
+    started(h, **{"spec.validation.champion": {"modelDeployment": "served", "tolerance": 0.01}})
+    workers = h.get("Job", "digits-a1")["spec"]["template"]["metadata"]["annotations"][CONFIG_ANNOTATION]
+    assert "champion" not in json.loads(workers)["paths"]
+    h.job_finished("digits-a1", "Complete")
+    h.reconcile("TrainingJob", "digits")
+    config = validator_config(h)
+    assert config["paths"]["championRunDir"] == f"{h.ns}/old-0123abcd"
+    assert config["paths"]["championVersion"] == "1.0.0"
+    assert config["validation"]["champion"] == {"modelDeployment": "served", "tolerance": 0.01}
+    # The latency gate serves the candidate as the champion's ModelDeployment serves.
+    assert config["validation"]["servedLatency"]["batchSize"] == 4
+    assert config["validation"]["servedLatency"]["maxBatchDelayMs"] == 15
+
+
+def test_a_champion_that_serves_nothing_yet_is_reported_absent_to_the_validator(harness: Harness) -> None:
+    h = harness
+    started(h, **{"spec.validation.champion": {"modelDeployment": "not-there"}})
+    h.job_finished("digits-a1", "Complete")
+    h.reconcile("TrainingJob", "digits")
+    config = validator_config(h)
+    assert "does not exist" in config["paths"]["championAbsent"]
+    assert "championRunDir" not in config["paths"]

@@ -32,7 +32,9 @@ def test_trainingjob_defaults_match_the_requirements() -> None:
     assert spec.dataset.seed == 42
     assert spec.validation.min_accuracy == 0.85
     assert spec.validation.max_latency_p95_ms == 100
-    assert spec.validation.max_train_val_gap == 0.05
+    assert spec.validation.max_overfitting_gap == 0.15
+    assert spec.validation.min_margin_over_trivial == 0.05
+    assert spec.validation.champion is None
     assert spec.validation.require_convergence is True
     assert spec.run_policy.suspend is False
 
@@ -47,7 +49,7 @@ def test_modeldeployment_defaults_match_the_requirements() -> None:
     assert spec.rollout.thresholds.max_latency_p99_ms == 100
     assert spec.rollout.thresholds.window == "5m"
     assert spec.rollout.failed_checks_before_rollback == 3
-    assert (spec.serving.batch_size, spec.serving.max_batch_delay_ms) == (32, 100)
+    assert (spec.serving.batch_size, spec.serving.max_batch_delay_ms) == (32, 5)
 
 
 @pytest.mark.parametrize("manifest", VALID_MANIFESTS, ids=lambda m: f"{m['kind']}/{m['metadata']['name']}")
@@ -123,6 +125,7 @@ def training_specs(draw: st.DrawFn) -> dict[str, Any]:
     epochs = draw(st.integers(1, 500))
     gpus = draw(st.integers(0, 4))
     procs = draw(st.integers(1, max(gpus, 1)))
+    workers = draw(st.integers(1, 512))
     return {
         "clusterRef": {"name": "demo"},
         "model": {
@@ -146,8 +149,10 @@ def training_specs(draw: st.DrawFn) -> dict[str, Any]:
             "scheduler": {"warmupEpochs": draw(st.integers(0, epochs - 1))},
             "learningRate": draw(st.floats(1e-6, 1.0)),
             "optimizer": draw(st.sampled_from(["adamw", "sgd"])),
+            # The global batch: at least one row per process.
+            "batchSize": draw(st.integers(workers * procs, 65_536)),
         },
-        "distributed": {"workers": draw(st.integers(1, 512)), "procsPerWorker": procs, "gpusPerWorker": gpus},
+        "distributed": {"workers": workers, "procsPerWorker": procs, "gpusPerWorker": gpus},
         "runPolicy": {"maxRestarts": draw(st.integers(0, 100)), "suspend": draw(st.booleans())},
     }
 
@@ -329,3 +334,17 @@ def test_cel_and_python_say_the_same_words() -> None:
     assert check.cel() == {"rule": "self != 'X'", "messageExpression": "self + ' is reserved: it\\'s taken'"}
     assert check.text("X") == "X is reserved: it's taken"
     assert Check("true", None, "plain").cel() == {"rule": "true", "message": "plain"}
+
+
+def test_a_global_batch_smaller_than_the_process_count_is_refused_naming_batch_size() -> None:
+    spec: dict[str, Any] = {
+        "clusterRef": {"name": "demo"},
+        "model": {"architecture": "mlp"},
+        "dataset": {"source": "builtin", "name": "digits"},
+        "training": {"batchSize": 3},
+        "distributed": {"workers": 2, "procsPerWorker": 2},
+    }
+    with pytest.raises(ValidationError, match=r"training.batchSize is the global batch"):
+        TrainingJobSpec.model_validate(spec)
+    spec["training"] = {"batchSize": 4}
+    TrainingJobSpec.model_validate(spec)

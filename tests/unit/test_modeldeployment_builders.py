@@ -154,17 +154,18 @@ def test_token_authorization_on_and_off(secret: str | None, disabled: str, infer
 
 
 def test_model_settings_come_from_the_spec() -> None:
-    c = ctx(**{"spec.serving": {"batchSize": 8, "maxBatchDelayMs": 5, "workersPerModel": 3}})
+    c = ctx(**{"spec.serving": {"batchSize": 8, "maxBatchDelayMs": 40, "workersPerModel": 3}})
     settings = json.loads(build_config_map(c)["data"]["model-settings.json"])
-    assert settings["batchSize"] == 8 and settings["maxBatchDelay"] == 5
+    assert settings["batchSize"] == 8 and settings["maxBatchDelay"] == 40
     assert settings["minWorkers"] == settings["maxWorkers"] == 3
     assert settings["marName"] == "digits.mar" and settings["defaultVersion"] is True
     assert properties(config_properties(c))["default_workers_per_model"] == "3"
 
 
-def test_defaults_batch_32_delay_100() -> None:
+def test_defaults_batch_32_delay_5_ms() -> None:
+    # 5 ms, not TorchServe's 100: a request that does not fill the batch waits the whole delay (docs/BENCHMARKS.md).
     settings = json.loads(build_config_map(ctx())["data"]["model-settings.json"])
-    assert (settings["batchSize"], settings["maxBatchDelay"]) == (32, 100)
+    assert (settings["batchSize"], settings["maxBatchDelay"]) == (32, 5)
 
 
 # ---- the Deployment -------------------------------------------------------------------------------

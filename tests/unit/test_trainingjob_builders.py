@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from flownexus.api.modeldeployment import ServingSpec
 from flownexus.api.neuralcluster import NeuralClusterSpec
 from flownexus.api.trainingjob import TrainingJobSpec
 from flownexus.trainingjob.children import (
@@ -16,6 +18,7 @@ from flownexus.trainingjob.children import (
     build_trainer_rbac,
     build_validator_job,
     build_worker_job,
+    resolve_served_latency,
 )
 from tests.factories import neural_cluster, training_job
 
@@ -134,7 +137,86 @@ def test_validator_has_no_api_rights() -> None:
     job = build_validator_job(ctx())
     pod = job["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
-    assert container(job)["command"] == ["python", "-m", "flownexus_trainer.validate"]
+    assert "serviceAccountName" not in pod
+
+
+def test_validator_validates_in_the_trainer_image_then_measures_served_latency_in_the_server_image() -> None:
+    c = ctx(cluster_overrides={"spec.images": {"trainer": "reg/trainer:1", "server": "reg/server:1"}})
+    pod = build_validator_job(c)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == "reg/trainer:1"
+    assert init["command"] == ["python", "-m", "flownexus_trainer.candidate"]
+    main = container(build_validator_job(c))
+    assert main["image"] == "reg/server:1"
+    assert main["command"] == ["python", "-m", "flownexus_trainer.served_latency", "--work-dir", "/srv/flownexus"]
+    # The verdict is the main container's termination message, which the operator reads from containerStatuses.
+    assert main["terminationMessagePolicy"] == "File"
+    env = {e["name"]: e["value"] for e in main["env"]}
+    assert env["FLOWNEXUS_CONFIG"] == "/etc/flownexus/config.json"
+    assert env["OMP_NUM_THREADS"] == "1"  # as in a ModelDeployment's TorchServe container
+
+
+def test_the_steps_hand_over_through_an_emptydir_only_this_pod_mounts() -> None:
+    pod = build_validator_job(ctx())["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (main,) = pod["containers"]
+    for c in (init, main):
+        assert {e["name"]: e["value"] for e in c["env"]}["FLOWNEXUS_CANDIDATE_DIR"] == "/srv/flownexus/candidate"
+        assert {"name": "serve", "mountPath": "/srv/flownexus"} in c["volumeMounts"]
+    assert next(v for v in pod["volumes"] if v["name"] == "serve")["emptyDir"]["sizeLimit"] == "4Gi"
+
+
+def test_served_latency_settings_reach_the_pods_config() -> None:
+    served = {"batchSize": 8, "maxBatchDelayMs": 20, "workers": 2, "concurrency": 8, "requests": 500}
+    job = build_validator_job(ctx(**{"spec.validation": {"servedLatency": served}}))
+    cfg = json.loads(job["spec"]["template"]["metadata"]["annotations"][CONFIG_ANNOTATION])
+    assert cfg["validation"]["servedLatency"] == served
+
+
+def test_served_latency_defaults_are_the_modeldeployment_serving_defaults() -> None:
+    # The reconciler resolves unset settings (from the champion's ModelDeployment, else these defaults).
+    base = ctx()
+    validation = base.spec.validation.model_copy(
+        update={"served_latency": resolve_served_latency(base.spec.validation.served_latency, None)}
+    )
+    resolved = replace(base, spec=base.spec.model_copy(update={"validation": validation}))
+    cfg = json.loads(build_validator_job(resolved)["spec"]["template"]["metadata"]["annotations"][CONFIG_ANNOTATION])
+    serving = ServingSpec()
+    assert cfg["validation"]["servedLatency"] == {
+        "batchSize": serving.batch_size,
+        "maxBatchDelayMs": serving.max_batch_delay_ms,
+        "workers": serving.workers_per_model,
+        "concurrency": 1,
+        "requests": 300,
+    }
+
+
+def test_validator_steps_get_training_then_serving_resources() -> None:
+    c = ctx(
+        cluster_overrides={"spec.defaultServingResources": {"requests": {"cpu": "300m", "memory": "1Gi"},
+                                                            "limits": {"cpu": "1", "memory": "2Gi"}}},
+        **{"spec.distributed.resources": {"requests": {"cpu": "2", "memory": "3Gi"}}},
+    )  # fmt: skip
+    pod = build_validator_job(c)["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["resources"] == {"requests": {"cpu": "2", "memory": "3Gi"}}
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "300m", "memory": "1Gi"},
+        "limits": {"cpu": "1", "memory": "2Gi"},
+    }
+    own = {"requests": {"cpu": "1", "memory": "1500Mi"}, "limits": {"cpu": "1", "memory": "1500Mi"}}
+    c = ctx(**{"spec.validation": {"servedLatency": {"resources": own}}})
+    assert container(build_validator_job(c))["resources"] == own
+
+
+def test_served_latency_container_has_a_read_only_root_and_emptydir_scratch() -> None:
+    pod = build_validator_job(ctx())["spec"]["template"]["spec"]
+    main = pod["containers"][0]
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    assert mounts == {"/artifacts": "artifacts", "/etc/flownexus": "config", "/srv/flownexus": "serve", "/tmp": "tmp"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["serve"] and "emptyDir" in volumes["tmp"]
+    assert main["workingDir"] == "/srv/flownexus"
 
 
 @pytest.mark.parametrize("build", [lambda c: build_worker_job(c, 1), build_validator_job])
@@ -143,8 +225,7 @@ def test_pods_meet_pod_security_restricted_with_no_root_container(build: Any) ->
     sc = pod["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001 and sc["fsGroup"] == 10001
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert "initContainers" not in pod
-    for c in pod["containers"]:
+    for c in pod.get("initContainers", []) + pod["containers"]:
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         assert "runAsUser" not in c["securityContext"] or c["securityContext"]["runAsUser"] != 0

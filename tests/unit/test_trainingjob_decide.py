@@ -154,12 +154,13 @@ def test_passed_validation_succeeds() -> None:
 
 
 def test_failed_validation_names_every_threshold() -> None:
-    verdict = {"passed": False, "failed": ["accuracy 0.61 < minAccuracy 0.99", "gap 0.08 > maxTrainValGap 0.05"]}
+    failures = ["minAccuracy: test accuracy 0.610 < 0.99", "maxOverfittingGap: train - test 0.08 > 0.05"]
+    verdict = {"passed": False, "failed": failures}
     obs = replace(OK, worker_job=JobState.SUCCEEDED, validator_job=JobState.SUCCEEDED, verdict=verdict)
     plan = decide(spec(), status(attempt=1, phase="Validating"), obs, 1)
     assert plan.status.phase == "Failed" and plan.status.reason == "ValidationFailed"
     assert cond(plan.status, "Validated") == "False"
-    assert "minAccuracy" in (plan.status.message or "") and "maxTrainValGap" in (plan.status.message or "")
+    assert "minAccuracy" in (plan.status.message or "") and "maxOverfittingGap" in (plan.status.message or "")
 
 
 def test_deadline_exceeded_fails_and_stops_pods() -> None:

@@ -64,6 +64,8 @@ class ModelConfig:
     num_heads: int = 4
     num_layers: int = 2
     dropout: float = 0.1
+    # lstm: time steps the features are read as; 0 = automatic (see models.sequence_shape).
+    sequence_length: int = 0
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "model") -> ModelConfig:
@@ -79,7 +81,10 @@ class ModelConfig:
             num_heads=_get(raw, "numHeads", 4, int, path),
             num_layers=_get(raw, "numLayers", 2, int, path),
             dropout=_get(raw, "dropout", 0.1, float, path),
+            sequence_length=_get(raw, "sequenceLength", 0, int, path),
         )
+        if cfg.sequence_length < 0:
+            raise ConfigError(f"{path}.sequenceLength: must be >= 0 (0 = automatic), got {cfg.sequence_length}")
         if cfg.architecture == "transformer" and cfg.d_model % cfg.num_heads:
             raise ConfigError(f"{path}.dModel: must be divisible by numHeads ({cfg.num_heads}), got {cfg.d_model}")
         return cfg
@@ -95,6 +100,7 @@ class ModelConfig:
             "numHeads": self.num_heads,
             "numLayers": self.num_layers,
             "dropout": self.dropout,
+            "sequenceLength": self.sequence_length,
         }
 
 
@@ -104,6 +110,17 @@ class SyntheticConfig:
     features: int = 20
     classes: int = 3
     noise: float = 0.1
+
+
+def _categorical_columns(raw: dict[str, Any], path: str) -> tuple[str, ...]:
+    names = _get(raw, "categoricalColumns", [], list, path)
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{path}.categoricalColumns[{i}]: must be a non-empty column name, got {name!r}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}.categoricalColumns: names appear twice: {dupes}")
+    return tuple(n.strip() for n in names)
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,10 @@ class DatasetConfig:
     test_fraction: float = 0.15
     seed: int = 42
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # CSV columns one-hot encoded (categories from the training split); only with source "file".
+    categorical_columns: tuple[str, ...] = ()
+    # "error": a missing cell fails the job naming it; "dropRows": such rows are dropped and counted.
+    missing_values: str = "error"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "dataset") -> DatasetConfig:
@@ -145,7 +166,13 @@ class DatasetConfig:
                 classes=_get(syn, "classes", 3, int, sp),
                 noise=_get(syn, "noise", 0.1, float, sp),
             ),
+            categorical_columns=_categorical_columns(raw, path),
+            missing_values=_choice(raw, "missingValues", "error", ("error", "dropRows"), path),
         )
+        if cfg.categorical_columns and source != "file":
+            raise ConfigError(f"{path}.categoricalColumns: only meaningful with source 'file', got source {source!r}")
+        if cfg.target_column in cfg.categorical_columns:
+            raise ConfigError(f"{path}.categoricalColumns: {cfg.target_column!r} is the target column")
         if source == "file" and not cfg.path:
             raise ConfigError(f"{path}.path: required when source is 'file'")
         if not (
@@ -174,6 +201,8 @@ class TrainingConfig:
     min_delta: float = 0.0
     checkpoint_every: int = 5
     mixed_precision: bool = False
+    # Fewer optimizer steps than this (epochs x steps per epoch) extend the run; 0 turns it off.
+    min_steps: int = 500
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "training") -> TrainingConfig:
@@ -196,10 +225,13 @@ class TrainingConfig:
             min_delta=_get(early, "minDelta", 0.0, float, f"{path}.earlyStopping"),
             checkpoint_every=_get(raw, "checkpointEvery", 5, int, path),
             mixed_precision=_get(raw, "mixedPrecision", False, bool, path),
+            min_steps=_get(raw, "minSteps", 500, int, path),
         )
         for name in ("epochs", "batch_size", "checkpoint_every", "patience"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{path}.{name}: must be >= 1, got {getattr(cfg, name)}")
+        if cfg.min_steps < 0:
+            raise ConfigError(f"{path}.minSteps: must be >= 0 (0 = off), got {cfg.min_steps}")
         return cfg
 
 
@@ -207,10 +239,19 @@ class TrainingConfig:
 class ValidationConfig:
     min_accuracy: float | None = 0.85
     max_latency_p95_ms: float | None = 100.0
-    max_train_val_gap: float | None = 0.05
+    # train - test of the primary metric (balanced accuracy / R²): data that model selection never saw.
+    max_overfitting_gap: float | None = 0.15
     require_convergence: bool = True
     max_rmse: float | None = None
     min_r2: float | None = None
+    min_balanced_accuracy: float | None = None
+    # The primary metric must beat the trivial baseline (majority class / mean) by this much, and may
+    # lie at most -min_margin_over_linear below the linear one (logistic / ridge regression).
+    min_margin_over_trivial: float | None = 0.05
+    min_margin_over_linear: float | None = -0.05
+    decide_on: str = "estimate"  # estimate | lowerBound (of the 95 % Wilson interval of test accuracy)
+    champion_model_deployment: str | None = None
+    champion_tolerance: float = 0.0
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "validation") -> ValidationConfig:
@@ -221,23 +262,45 @@ class ValidationConfig:
             value = _get(raw, key, default, float, path)
             return None if value is None else float(value)
 
+        champion = _section(raw, "champion", path)
+        champion_name = _get(champion, "modelDeployment", None, str, f"{path}.champion") if champion else None
+        if champion and not champion_name:
+            raise ConfigError(f"{path}.champion.modelDeployment: required when champion is set, got {champion!r}")
+        tolerance = _get(champion, "tolerance", 0.0, float, f"{path}.champion")
+        if tolerance < 0:
+            raise ConfigError(f"{path}.champion.tolerance: must be >= 0, got {tolerance}")
         return cls(
             min_accuracy=optional("minAccuracy", 0.85),
             max_latency_p95_ms=optional("maxLatencyP95Ms", 100.0),
-            max_train_val_gap=optional("maxTrainValGap", 0.05),
+            max_overfitting_gap=optional("maxOverfittingGap", 0.15),
             require_convergence=_get(raw, "requireConvergence", True, bool, path),
             max_rmse=optional("maxRmse", None),
             min_r2=optional("minR2", None),
+            min_balanced_accuracy=optional("minBalancedAccuracy", None),
+            min_margin_over_trivial=optional("minMarginOverTrivial", 0.05),
+            min_margin_over_linear=optional("minMarginOverLinear", -0.05),
+            decide_on=_choice(raw, "decideOn", "estimate", ("estimate", "lowerBound"), path),
+            champion_model_deployment=champion_name,
+            champion_tolerance=tolerance,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "minAccuracy": self.min_accuracy,
             "maxLatencyP95Ms": self.max_latency_p95_ms,
-            "maxTrainValGap": self.max_train_val_gap,
+            "maxOverfittingGap": self.max_overfitting_gap,
             "requireConvergence": self.require_convergence,
             "maxRmse": self.max_rmse,
             "minR2": self.min_r2,
+            "minBalancedAccuracy": self.min_balanced_accuracy,
+            "minMarginOverTrivial": self.min_margin_over_trivial,
+            "minMarginOverLinear": self.min_margin_over_linear,
+            "decideOn": self.decide_on,
+            "champion": (
+                None
+                if self.champion_model_deployment is None
+                else {"modelDeployment": self.champion_model_deployment, "tolerance": self.champion_tolerance}
+            ),
         }
 
 
@@ -248,16 +311,28 @@ class OutputConfig:
     torchscript: bool = False
     onnx: bool = False
     quantize_int8: bool = False
+    # Largest drop in the primary test metric (accuracy or R²) an export may show against the float model.
+    max_export_drop: float = 0.02
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], default_name: str, path: str = "output") -> OutputConfig:
-        return cls(
+        cfg = cls(
             model_name=_get(raw, "modelName", default_name, str, path),
             version=_get(raw, "version", "1.0.0", str, path),
             torchscript=_get(raw, "torchscript", False, bool, path),
             onnx=_get(raw, "onnx", False, bool, path),
             quantize_int8=_get(raw, "quantizeInt8", False, bool, path),
+            max_export_drop=_get(raw, "maxExportDrop", 0.02, float, path),
         )
+        if not 0.0 <= cfg.max_export_drop <= 1.0:
+            raise ConfigError(f"{path}.maxExportDrop: must be between 0 and 1, got {cfg.max_export_drop}")
+        return cfg
+
+    @property
+    def export_formats(self) -> list[str]:
+        """The optional exports asked for, in the order they are written."""
+        wanted = {"torchscript": self.torchscript, "int8": self.quantize_int8, "onnx": self.onnx}
+        return [fmt for fmt, on in wanted.items() if on]
 
 
 @dataclass(frozen=True)
@@ -274,6 +349,12 @@ class JobConfig:
     backend: str
     artifact_root: Path
     run_dir: Path
+    # paths.championRunDir: the run directory (relative to artifact_root) of the model that
+    # validation.champion's ModelDeployment serves; the operator resolves it.
+    champion_run_dir: str | None = None
+    # paths.championAbsent / championError: why there is nothing to beat (passes) or nothing reachable (fails).
+    champion_absent: str | None = None
+    champion_error: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobConfig:
@@ -294,6 +375,9 @@ class JobConfig:
             backend=_choice(distributed, "backend", "auto", ("auto", "gloo", "nccl"), "distributed"),
             artifact_root=root,
             run_dir=run_dir,
+            champion_run_dir=_get(paths, "championRunDir", None, str, "paths"),
+            champion_absent=_get(paths, "championAbsent", None, str, "paths"),
+            champion_error=_get(paths, "championError", None, str, "paths"),
         )
 
 

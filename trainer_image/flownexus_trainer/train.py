@@ -97,10 +97,56 @@ def make_optimizer(params: Any, cfg: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How many samples each process steps with and for how long, from the config and the data size."""
+
+    per_process_batch: int
+    steps_per_epoch: int
+    epochs: int
+    warmup_steps: int
+    total_steps: int
+    patience: int
+    extended_from: int | None  # the configured epochs when minSteps extended the run
+
+
+def per_process_batch(batch_size: int, world_size: int) -> int:
+    """``training.batchSize`` is the global batch: each of ``world_size`` processes takes its share.
+
+    Rounded up when it does not divide, so the effective global batch is at most world_size - 1
+    larger than asked; fewer samples than processes cannot be shared and is an error.
+    """
+    if batch_size < world_size:
+        raise ValueError(
+            f"training.batchSize: {batch_size} is the global batch and must be at least the number of "
+            f"training processes ({world_size})"
+        )
+    return math.ceil(batch_size / world_size)
+
+
+def plan_run(cfg: TrainingConfig, samples_per_process: int, world_size: int) -> Plan:
+    """Batch per process, steps per epoch, epochs and the LR schedule's length.
+
+    When ``epochs`` x steps per epoch is below ``minSteps`` (small datasets), the run gets as many
+    more epochs as reach ``minSteps`` steps, and the schedule (warmup and cosine) stretches with it,
+    keeping warmup's share of the run; early stopping's patience stretches by the same factor, so it
+    still waits the same share of the run (and the same number of optimizer steps).
+    """
+    batch = per_process_batch(cfg.batch_size, world_size)
+    steps_per_epoch = max(1, math.ceil(samples_per_process / batch))
+    epochs, extended_from = cfg.epochs, None
+    if cfg.min_steps and cfg.epochs * steps_per_epoch < cfg.min_steps:
+        epochs, extended_from = math.ceil(cfg.min_steps / steps_per_epoch), cfg.epochs
+    total = epochs * steps_per_epoch
+    warmup = round(total * cfg.warmup_epochs / cfg.epochs)
+    patience = math.ceil(cfg.patience * epochs / cfg.epochs)
+    return Plan(batch, steps_per_epoch, epochs, warmup, total, patience, extended_from)
+
+
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, cfg: TrainingConfig, plan: Plan
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+    warmup, total = plan.warmup_steps, plan.total_steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, cfg.scheduler))
 
 
@@ -145,9 +191,22 @@ class Trainer:
         self.sampler: DistributedSampler[Any] = DistributedSampler(
             TensorDataset(self.x_train), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.dataset.seed
         )
-        self.steps_per_epoch = math.ceil(len(self.sampler) / self.tcfg.batch_size)
+        self.plan = plan_run(self.tcfg, len(self.sampler), ctx.world_size)
+        self.steps_per_epoch, self.epochs = self.plan.steps_per_epoch, self.plan.epochs
+        if self.plan.extended_from is not None:
+            log.info(
+                "%s/%s: %d epochs x %d steps is below training.minSteps (%d): training up to %d epochs "
+                "(early-stopping patience %d epochs)",
+                cfg.namespace,
+                cfg.name,
+                self.plan.extended_from,
+                self.steps_per_epoch,
+                self.tcfg.min_steps,
+                self.epochs,
+                self.plan.patience,
+            )
         self.state = RunState()
-        self.early = EarlyStopping(self.tcfg.patience, self.tcfg.min_delta, self.tcfg.early_stopping)
+        self.early = EarlyStopping(self.plan.patience, self.tcfg.min_delta, self.tcfg.early_stopping)
         resume = self._find_resume()
         if resume is not None:
             self.model.load_state_dict(resume["model"])
@@ -159,7 +218,7 @@ class Trainer:
         )
         self.params = list(self.net.parameters())
         self.optimizer = make_optimizer(self.params, self.tcfg)
-        self.scheduler = make_scheduler(self.optimizer, self.tcfg, self.steps_per_epoch)
+        self.scheduler = make_scheduler(self.optimizer, self.tcfg, self.plan)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if resume is not None:
             self._restore(resume)
@@ -276,7 +335,7 @@ class Trainer:
         order = torch.tensor(list(iter(self.sampler)), device=self.ctx.device)
         # Keep per-step values on the device and reduce once per epoch: no host sync inside the loop.
         losses, grad_norms, corrects, sizes = [], [], [], []
-        for batch in torch.split(order, self.tcfg.batch_size):
+        for batch in torch.split(order, self.plan.per_process_batch):
             yb = self.y_train[batch]
             loss, out, grad_norm = self._step(self.x_train[batch], yb)
             losses.append(loss)
@@ -310,7 +369,7 @@ class Trainer:
     ) -> EpochMetrics:
         return EpochMetrics(
             epoch=epoch,
-            total_epochs=self.tcfg.epochs,
+            total_epochs=self.epochs,
             loss=train["loss"],
             val_loss=val["loss"],
             learning_rate=float(self.scheduler.get_last_lr()[0]),
@@ -335,7 +394,7 @@ class Trainer:
         if self.ctx.is_main:
             truncate_metrics(self.cfg.run_dir / "metrics.jsonl", self.state.epoch)
         epoch = self.state.epoch
-        while epoch < self.tcfg.epochs and not self.state.stopped_early:
+        while epoch < self.epochs and not self.state.stopped_early:
             epoch += 1
             started = time.perf_counter()
             train = self._train_epoch(epoch)
@@ -347,7 +406,7 @@ class Trainer:
                 self.state.best_metrics = metrics.status_json()
             self.state.stopped_early = self.early.should_stop
             self.state.epoch = epoch
-            last = epoch == self.tcfg.epochs or self.state.stopped_early
+            last = epoch == self.epochs or self.state.stopped_early
             if epoch % self.tcfg.checkpoint_every == 0 or last:
                 self._checkpoint(epoch)
             self._report(self._progress("Running", metrics))
@@ -368,7 +427,7 @@ class Trainer:
     def _progress(self, phase: str, metrics: EpochMetrics | None, message: str = "") -> Progress:
         s = self.state
         return Progress(
-            phase, s.epoch, self.tcfg.epochs, metrics, s.best_metrics, s.latest_checkpoint, s.stopped_early, message
+            phase, s.epoch, self.epochs, metrics, s.best_metrics, s.latest_checkpoint, s.stopped_early, message
         )
 
     # --- outputs -----------------------------------------------------------------------------
@@ -387,6 +446,7 @@ class Trainer:
             "task": s.task,
             "classLabels": s.class_labels,
             "featureNames": s.feature_names,
+            "inputSchema": s.input_schema(),  # data.py: columns and one-hot categories, for object rows in serving
         }
         summary = {
             "epochsRun": self.state.epoch,
@@ -396,6 +456,14 @@ class Trainer:
             "backend": self.ctx.backend or "none",
             "resumedFrom": self.state.resumed_from,
             "datasetFingerprint": s.fingerprint,
+            "globalBatchSize": self.plan.per_process_batch * self.ctx.world_size,
+            "perProcessBatchSize": self.plan.per_process_batch,
+            "stepsPerEpoch": self.steps_per_epoch,
+            "plannedEpochs": self.epochs,
+            "configuredEpochs": self.tcfg.epochs,
+            "minSteps": self.tcfg.min_steps,
+            "patienceEpochs": self.plan.patience,
+            "extendedByMinSteps": self.plan.extended_from is not None,
         }
         atomic_write_bytes(out / "model_config.json", json.dumps(model_config, indent=2).encode())
         atomic_write_bytes(out / "normalization.json", json.dumps(s.normalization.to_dict()).encode())
@@ -432,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(failure_summary(exc))
         raise
     ctx = init_distributed(cfg.backend)
+    finished = False
     try:
         sink = default_sinks(cfg.namespace, cfg.name, cfg.run_dir / "metrics.jsonl") if ctx.is_main else None
         try:
@@ -442,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
             if sink is not None:
                 sink.report(Progress("Failed", 0, cfg.training.epochs, message=f"{type(exc).__name__}: {exc}"))
             raise
+        finished = True
     finally:
-        shutdown(ctx)
+        shutdown(ctx, finished=finished)
     return 0
 
 

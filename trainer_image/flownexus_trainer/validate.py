@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -22,17 +23,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
+from . import quality
 from .checkpoint import atomic_write_bytes
 from .config import JobConfig, load_config
-from .data import Splits, load_splits
+from .data import Normalization, Splits, load_splits
 from .errors import TERMINATION_LOG, failure_summary, write_termination_message
-from .export import build_mar, run_exports
+from .export import SCHEMA_FILE, ModelSignature, Preprocessing, build_mar, export_failures, run_exports
 from .models import build_model
 from .report import plot_curves, render_report
-from .thresholds import Measured, ThresholdResult, assess_convergence, evaluate_thresholds, failed
-from .train import evaluate
+from .served_latency import withdraw_exports
+from .thresholds import (
+    ChampionScore,
+    Measured,
+    ThresholdResult,
+    assess_convergence,
+    evaluate_thresholds,
+    failed,
+)
+from .train import EVAL_CHUNK, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +58,10 @@ def load_trained_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
 def measure_latency(
     model: nn.Module, rows: torch.Tensor, classification: bool, runs: int = 300, warmup: int = 30
 ) -> dict[str, Any]:
-    """Single-sample request latency (forward, plus softmax for classes) as one serving worker sees it."""
+    """The model alone: single-row forward (plus softmax for classes) in this process, one thread, no serving.
+
+    The gate's latency is the served one (``served_latency``); this is reported next to it as ``modelLatencyMs``.
+    """
     timings = []
     with torch.inference_mode():
         for i in range(warmup + runs):
@@ -68,33 +82,208 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def predict(model: nn.Module, x: NDArray[Any]) -> NDArray[np.float32]:
+    """The model's raw outputs (logits, or standardized targets) for a whole standardized split."""
+    with torch.inference_mode():
+        rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return torch.cat([model(chunk) for chunk in torch.split(rows, EVAL_CHUNK)]).float().numpy()
+
+
+def score_outputs(
+    task: str, outputs: NDArray[Any], y: NDArray[Any], class_labels: list[str], target_std: float = 1.0
+) -> dict[str, Any]:
+    """quality's metrics of one split from the model's outputs (y standardized like the outputs)."""
+    if task == "classification":
+        scores = None
+        if outputs.shape[1] == 2:
+            shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+            scores = shifted[:, 1] / shifted.sum(axis=1)
+        return quality.classification_metrics(y, outputs.argmax(axis=1), class_labels, scores)
+    return quality.regression_metrics(np.asarray(y) * target_std, outputs[:, 0] * target_std)
+
+
+class ChampionError(Exception):
+    """The champion's model cannot be scored on this job's test rows; the message says why."""
+
+
+def champion_dir(artifact_root: Path, relative: str) -> Path:
+    """The champion's run directory, which must lie inside the artifact store."""
+    path = (artifact_root / relative).resolve()
+    if artifact_root.resolve() not in path.parents:
+        raise ChampionError(f"paths.championRunDir {relative!r} is outside the artifact store")
+    return path
+
+
+def champion_primary(model_dir: Path, splits: Splits) -> float:
+    """The champion's primary metric on this job's test rows.
+
+    The rows are turned back into raw features with this job's standardization and standardized
+    again with the champion's own (normalization.json, fitted on its training split), and for
+    regression its outputs are turned into target units with its own target statistics.
+    """
+    for name in ("model_config.json", "model.pt", "normalization.json"):
+        if not (model_dir / name).is_file():
+            raise ChampionError(f"{model_dir.parent.name}/model/{name} does not exist")
+    spec = json.loads((model_dir / "model_config.json").read_text(encoding="utf-8"))
+    if spec.get("task", splits.task) != splits.task:
+        raise ChampionError(f"it is a {spec.get('task')} model, this job is {splits.task}")
+    if spec.get("numFeatures") != splits.num_features:
+        raise ChampionError(f"it takes {spec.get('numFeatures')} features, this dataset has {splits.num_features}")
+    theirs_names = list(spec.get("featureNames", splits.feature_names))
+    if theirs_names != splits.feature_names:
+        where = _first_difference(theirs_names, splits.feature_names)
+        raise ChampionError(f"its features differ from this dataset's: {where}")
+    if splits.task == "classification" and spec.get("classLabels", splits.class_labels) != splits.class_labels:
+        raise ChampionError(f"its classes {spec.get('classLabels')} differ from this dataset's {splits.class_labels}")
+    raw_norm = json.loads((model_dir / "normalization.json").read_text(encoding="utf-8"))
+    theirs = Normalization(
+        mean=list(raw_norm["mean"]), std=list(raw_norm["std"]),
+        target_mean=float(raw_norm.get("targetMean", 0.0)), target_std=float(raw_norm.get("targetStd", 1.0)),
+    )  # fmt: skip
+    if len(theirs.mean) != splits.num_features or len(theirs.std) != splits.num_features:
+        raise ChampionError(
+            f"its normalization.json has {len(theirs.mean)} features, this dataset has {splits.num_features}"
+        )
+    try:
+        model, _ = load_trained_model(model_dir)
+    except Exception as exc:  # a state dict that does not fit its own config, a corrupt file
+        raise ChampionError(f"its model.pt does not load: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    ours = splits.normalization
+    raw_x = splits.x_test.astype(np.float64) * np.asarray(ours.std) + np.asarray(ours.mean)
+    outputs = predict(model, theirs.apply(raw_x))
+    if splits.task == "classification":
+        test = quality.classification_metrics(splits.y_test, outputs.argmax(axis=1), splits.class_labels)
+        return float(test["balancedAccuracy"])
+    y_true = np.asarray(splits.y_test, np.float64) * ours.target_std + ours.target_mean
+    y_pred = outputs[:, 0].astype(np.float64) * theirs.target_std + theirs.target_mean
+    return float(quality.regression_metrics(y_true, y_pred)["r2"])
+
+
+def _first_difference(theirs: list[str], ours: list[str]) -> str:
+    i = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b), min(len(theirs), len(ours)))
+    return (
+        f"feature {i} is {theirs[i] if i < len(theirs) else None!r} there, {ours[i] if i < len(ours) else None!r} here"
+    )
+
+
+def score_champion(cfg: JobConfig, splits: Splits) -> ChampionScore | None:
+    """validation.champion scored on this job's test rows; None when no champion is configured."""
+    name = cfg.validation.champion_model_deployment
+    if name is None:
+        return None
+    relative = cfg.champion_run_dir
+    if cfg.champion_absent:
+        return ChampionScore(name, None, absent=cfg.champion_absent)
+    if cfg.champion_error:
+        return ChampionScore(name, None, cfg.champion_error)
+    if not relative:
+        return ChampionScore(name, None, "no run directory of its model was given (paths.championRunDir)")
+    try:
+        score = champion_primary(champion_dir(cfg.artifact_root, relative) / "model", splits)
+    except (ChampionError, OSError, ValueError, KeyError) as exc:
+        return ChampionScore(name, None, str(exc), relative)
+    return ChampionScore(name, score, run_dir=relative)
+
+
 def measure(
-    model: nn.Module, splits: Splits, history: list[dict[str, Any]], stopped_early: bool
+    model: nn.Module,
+    splits: Splits,
+    history: list[dict[str, Any]],
+    stopped_early: bool,
+    champion: ChampionScore | None = None,
 ) -> tuple[dict[str, Any], Measured]:
-    """Test quality, train/validation gap, latency and convergence of the final model."""
+    """Test quality against the baselines (and the champion), the train - test gap, latency, convergence.
+
+    ``metrics`` holds flat numbers plus ``quality``: the full test metrics (confusion matrix,
+    per-class table, interval), both baselines and the champion, for metadata.json and report.md.
+    """
     t_std = splits.normalization.target_std
     tensors = {
         name: (torch.from_numpy(getattr(splits, f"x_{name}")), torch.from_numpy(getattr(splits, f"y_{name}")))
         for name in ("train", "val", "test")
     }
     scores = {name: evaluate(model, x, y, splits.task, t_std) for name, (x, y) in tensors.items()}
-    quality = "accuracy" if splits.task == "classification" else "r2"
-    gap = scores["train"][quality] - scores["val"][quality]
+    labels = splits.class_labels
+    train_q = score_outputs(splits.task, predict(model, splits.x_train), splits.y_train, labels, t_std)
+    test_q = score_outputs(splits.task, predict(model, splits.x_test), splits.y_test, labels, t_std)
+    base = quality.baselines(splits.task, splits.x_train, splits.y_train, splits.x_test, splits.y_test, labels, t_std)
+    key = quality.primary_metric(splits.task)
+    gap = train_q[key] - test_q[key]
     latency = measure_latency(model, tensors["test"][0], splits.task == "classification")
     converged, reason = assess_convergence(history, stopped_early)
     metrics: dict[str, Any] = {f"{split}{k.title()}": round(v, 6) for split, s in scores.items() for k, v in s.items()}
-    metrics.update(trainValGap=round(gap, 6), converged=converged, convergenceReason=reason, latencyMs=latency)
+    classification = splits.task == "classification"
+    interval = [round(v, 6) for v in test_q["accuracyInterval"]] if classification else None
+    metrics.update(
+        {
+            "primaryMetric": key,
+            f"train{key[0].upper()}{key[1:]}": round(train_q[key], 6),
+            f"test{key[0].upper()}{key[1:]}": round(test_q[key], 6),
+            **(
+                {"testMacroF1": round(test_q["macroF1"], 6), "testRocAuc": _round(test_q["rocAuc"]),
+                 "accuracyInterval": interval, "classesWithoutTestRows": test_q["classesWithoutTestRows"]}
+                if classification
+                else {"testMae": round(test_q["mae"], 6)}
+            ),
+            "testRows": len(splits.y_test),
+            "baselineTrivial": round(base["trivial"].score(splits.task), 6),
+            "baselineLinear": round(base["linear"].score(splits.task), 6),
+            "overfittingGap": round(gap, 6),
+        }
+    )  # fmt: skip
+    if champion is not None:
+        metrics["championScore"] = _round(champion.score)
+    # latencyMs is the gate's figure: this in-process one when the validator runs as one step; the served step
+    # (served_latency.py) replaces it with TorchServe's. modelLatencyMs stays: what the model alone costs.
+    metrics.update(converged=converged, convergenceReason=reason, latencyMs=latency, modelLatencyMs=latency)
+    metrics["quality"] = {
+        "primaryMetric": key,
+        "test": _rounded(test_q),
+        "train": {key: round(train_q[key], 6)},
+        "baselines": {kind: b.summary(splits.task) for kind, b in base.items()},
+        "champion": None
+        if champion is None
+        else {"modelDeployment": champion.model_deployment, "runDir": champion.run_dir,
+              key: _round(champion.score), "error": champion.error or None},
+    }  # fmt: skip
     measured = Measured(
         task=splits.task,
         test_accuracy=scores["test"].get("accuracy"),
         test_rmse=scores["test"].get("rmse"),
         test_r2=scores["test"].get("r2"),
         latency_p95_ms=latency["p95"],
-        train_val_gap=gap,
         converged=converged,
         convergence_reason=reason,
+        overfitting_gap=gap,
+        train_primary=train_q[key],
+        test_balanced_accuracy=test_q.get("balancedAccuracy"),
+        test_rows=len(splits.y_test),
+        accuracy_interval=(test_q["accuracyInterval"][0], test_q["accuracyInterval"][1]) if classification else None,
+        baseline_trivial=base["trivial"].score(splits.task),
+        baseline_linear=base["linear"].score(splits.task),
+        classes_without_test_rows=tuple(test_q.get("classesWithoutTestRows", ())),
+        champion=champion,
     )
     return metrics, measured
+
+
+def _round(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    """Floats rounded for JSON, recursively (nan becomes null)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, float):
+            out[k] = _round(v)
+        elif isinstance(v, dict):
+            out[k] = _rounded(v)
+        elif isinstance(v, list):
+            out[k] = [_rounded(i) if isinstance(i, dict) else (_round(i) if isinstance(i, float) else i) for i in v]
+        else:
+            out[k] = v
+    return out
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -104,18 +293,31 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _exports(cfg: JobConfig, model: nn.Module, splits: Splits) -> dict[str, Any]:
+def _exports(cfg: JobConfig, model: nn.Module, splits: Splits) -> tuple[dict[str, Any], list[str]]:
+    """The archive plus the requested exports (raw features in, checked against the float model on the
+    test rows); returns the artifacts entry and one message per requested export that was not written."""
     run_dir = cfg.run_dir
     mar = build_mar(run_dir / "model", run_dir / "model-store", cfg.output.model_name, cfg.output.version)
-    example = torch.from_numpy(splits.x_test[:8])
-    results = run_exports(
-        model, example, run_dir / "exports", cfg.output.torchscript, cfg.output.quantize_int8, cfg.output.onnx
+    prep = Preprocessing.of(splits.normalization, splits.task)
+    signature = ModelSignature(
+        task=splits.task,
+        feature_names=splits.feature_names,
+        class_labels=splits.class_labels,
+        num_outputs=splits.num_outputs,
+        prep=prep,
+        encoding=splits.input_schema() if splits.encoding else None,
     )
+    results = run_exports(
+        model, signature, prep.raw_rows(splits.x_test), prep.raw_targets(splits.y_test),
+        run_dir / "exports", cfg.output.export_formats, cfg.output.max_export_drop,
+    )  # fmt: skip
     out: dict[str, Any] = {"modelArchive": _relative(mar, cfg.artifact_root)}
     out["exports"] = [
         {**r.to_json(), **({"path": _relative(Path(r.path), cfg.artifact_root)} if r.path else {})} for r in results
     ]
-    return out
+    if cfg.output.export_formats:
+        out["exportSchema"] = _relative(run_dir / "exports" / SCHEMA_FILE, cfg.artifact_root)
+    return out, export_failures(results)
 
 
 def _metadata(
@@ -137,6 +339,8 @@ def _metadata(
             "testFraction": ds.test_fraction,
             "fingerprint": splits.fingerprint,
             "rows": {"train": len(splits.x_train), "validation": len(splits.x_val), "test": len(splits.x_test)},
+            # Rows dropped (missingValues: dropRows), missing cells per column, unseen categories.
+            "dataReport": splits.data_report,
         },
         "image": os.environ.get("FLOWNEXUS_IMAGE", "unknown"),
         "training": summary,
@@ -159,7 +363,8 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
             f"dataset changed since training: {summary['datasetFingerprint']} then, {splits.fingerprint} now"
         )
     history = read_history(run_dir / "metrics.jsonl")
-    metrics, measured = measure(model, splits, history, bool(summary.get("stoppedEarly")))
+    champion = score_champion(cfg, splits)
+    metrics, measured = measure(model, splits, history, bool(summary.get("stoppedEarly")), champion)
     results = evaluate_thresholds(cfg.validation, measured)
     passed = not failed(results)
     metadata = _metadata(cfg, splits, summary, metrics, results)
@@ -171,10 +376,22 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
         plot_curves(history, run_dir / "training_curves.png")
         artifacts["plot"] = _relative(run_dir / "training_curves.png", cfg.artifact_root)
     if passed:
-        artifacts.update(_exports(cfg, model, splits))
-    else:
+        exported, export_problems = _exports(cfg, model, splits)
+        artifacts.update(exported)
+        # An export the spec asked for that is not faithful to the float model rejects the model: the user
+        # asked for that file. Nothing of a rejected model stays where it could be shipped.
+        results += [
+            ThresholdResult("maxExportDrop", None, cfg.output.max_export_drop, False, f"maxExportDrop: {problem}")
+            for problem in export_problems
+        ]
+        passed = not failed(results)
+        metadata["results"] = [r.to_json() for r in results]
+        metadata["verdict"] = {"passed": passed, "failedThresholds": [r.name for r in failed(results)]}
+    if not passed:
         # Only a validated model may be served: drop an archive a previous, passing run left behind.
         (run_dir / "model-store" / f"{cfg.output.model_name}.mar").unlink(missing_ok=True)
+        artifacts.pop("modelArchive", None)
+        withdraw_exports(artifacts, cfg.artifact_root)
     metadata["artifacts"] = artifacts
     atomic_write_bytes(run_dir / "metadata.json", json.dumps(metadata, indent=2).encode())
     atomic_write_bytes(run_dir / "report.md", render_report(metadata, results, "training_curves.png").encode())
@@ -204,13 +421,45 @@ def termination_summary(verdict: dict[str, Any]) -> dict[str, Any]:
         "testAccuracy": metrics.get("testAccuracy"),
         "testRmse": metrics.get("testRmse"),
         "testR2": metrics.get("testR2"),
+        "balancedAccuracy": metrics.get("testBalancedAccuracy"),
+        "macroF1": metrics.get("testMacroF1"),
+        "rocAuc": metrics.get("testRocAuc"),
+        "accuracyInterval": _short_list(metrics.get("accuracyInterval")),
+        "baselines": {
+            "trivial": _short(metrics.get("baselineTrivial")),
+            "linear": _short(metrics.get("baselineLinear")),
+        },
+        "overfittingGap": _short(metrics.get("overfittingGap")),
+        "champion": _champion_summary(metrics),
         "latencyP50Ms": round(latency["p50"], 4),
         "latencyP95Ms": round(latency["p95"], 4),
         "latencyP99Ms": round(latency["p99"], 4),
-        "trainValGap": metrics.get("trainValGap"),
         "converged": metrics.get("converged"),
         "runDir": verdict["runDir"],
         "modelArchive": verdict["artifacts"].get("modelArchive"),
+    }
+
+
+def _short(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def _short_list(values: list[float] | None) -> list[float] | None:
+    return None if values is None else [round(v, 4) for v in values]
+
+
+def _champion_summary(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The champion in a few bytes: its ModelDeployment, its score, and the challenger's."""
+    champ = (metrics.get("quality") or {}).get("champion")
+    if not champ:
+        return None
+    key = metrics["quality"]["primaryMetric"]
+    test_key = f"test{key[0].upper()}{key[1:]}"
+    return {
+        "modelDeployment": champ["modelDeployment"],
+        "score": _short(champ.get(key)),
+        "challenger": _short(metrics.get(test_key)),
+        **({"error": str(champ["error"])[:200]} if champ.get("error") else {}),
     }
 
 

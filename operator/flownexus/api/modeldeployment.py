@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from .common import (
     RESOURCE_NAME_PATTERN,
+    VERSION_PATTERN,
     ApiModel,
     ArchivePath,
     CelRule,
@@ -165,7 +166,13 @@ class ServingSpec(ApiModel):
     """TorchServe settings."""
 
     batch_size: int = Field(default=32, ge=1, le=1024, description="TorchServe batchSize.")
-    max_batch_delay_ms: int = Field(default=100, ge=0, le=60_000, description="TorchServe maxBatchDelay (ms).")
+    max_batch_delay_ms: int = Field(
+        default=5,
+        ge=0,
+        le=60_000,
+        description="TorchServe maxBatchDelay (ms): how long a batch waits to fill. Every request that does not "
+        "fill a batch waits this long, so it adds to the latency of interactive (low-concurrency) traffic.",
+    )
     workers_per_model: int = Field(default=1, ge=1, le=64, description="Python workers per model per pod.")
     replicas: int = Field(
         default=2,
@@ -243,6 +250,25 @@ class AnalysisThresholds(ApiModel):
     window: Window = Field(default="5m", description="PromQL range of each query, e.g. 1m, 5m; longer than 0s.")
 
 
+ROLLOUT_ACTIONS = ("promote", "abort", "retry")
+ActionId = Annotated[str, Field(min_length=1, max_length=63, pattern=VERSION_PATTERN)]
+
+
+class RolloutAction(ApiModel):
+    """A one-shot request to the operator, applied once per id (status.actions records each handled id)."""
+
+    name: Literal["promote", "abort", "retry"] = Field(
+        description="promote: skip the canary's remaining steps and promote it now. abort: roll the canary back "
+        "now (stable keeps serving; phase RolledBack). retry: after a RolledBack, try the rolled-back version "
+        "again from the first step."
+    )
+    id: ActionId = Field(
+        description="Identifies this request: a new id is a new request; an id found in status.actions was "
+        "handled and is never applied again (re-applying the same manifest repeats nothing). Letters, digits, "
+        "'.', '_' and '-', at most 63 characters, e.g. a timestamp."
+    )
+
+
 class RolloutSpec(ApiModel):
     """How a new version rolls out."""
 
@@ -267,6 +293,16 @@ class RolloutSpec(ApiModel):
         default="5m",
         description="How long the canary may go without data (no requests, no series, Prometheus unreachable) "
         "before every further analysis without data counts as a failed check.",
+    )
+    paused: bool = Field(
+        default=False,
+        description="Hold the rollout until unset: a canary keeps its step and weight and is not analysed, and "
+        "a new version does not start its canary. Resuming restarts the step's clock. Actions still apply.",
+    )
+    action: RolloutAction | None = Field(
+        default=None,
+        description="A one-shot manual action (promote, abort, retry) with an id; the operator applies each id "
+        "once and records the result in status.actions. Leaving it set is harmless.",
     )
 
     @model_validator(mode="after")
@@ -322,6 +358,9 @@ class CanaryState(ServedVersion):
     no_data_since: str | None = Field(
         default=None, description="First analysis of the current run without data (RFC 3339); none once data came."
     )
+    paused_at: str | None = Field(
+        default=None, description="When spec.rollout.paused began to hold this canary (RFC 3339); none when running."
+    )
 
 
 class AnalysisResult(StatusModel):
@@ -345,6 +384,18 @@ class HistoryEntry(StatusModel):
     reason: str | None = Field(default=None, description="Why.")
 
 
+class HandledAction(StatusModel):
+    """A spec.rollout.action the operator has handled."""
+
+    name: str = Field(description="promote, abort or retry.")
+    id: str = Field(description="The request's id.")
+    handled_at: str = Field(description="When the operator handled it (RFC 3339).")
+    result: Literal["Applied", "Ignored"] = Field(
+        description="Applied, or Ignored when it did not apply to the phase (the message says why)."
+    )
+    message: str | None = Field(default=None, description="What was done, or why nothing was.")
+
+
 class ModelDeploymentStatus(StatusModel):
     """Observed state of a ModelDeployment."""
 
@@ -357,4 +408,9 @@ class ModelDeploymentStatus(StatusModel):
     last_analysis: AnalysisResult | None = Field(default=None, description="Latest canary analysis.")
     history: list[HistoryEntry] = Field(default_factory=list, description="Versions served, newest last.")
     endpoint: str | None = Field(default=None, description="In-cluster prediction URL.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded.")
+    actions: list[HandledAction] = Field(
+        default_factory=list, description="spec.rollout.action requests handled, newest last (the last 20)."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Progressing, Degraded; Paused while spec.rollout.paused holds."
+    )

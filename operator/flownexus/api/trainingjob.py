@@ -123,12 +123,22 @@ class ModelSpec(ApiModel):
         max_length=16,
         description="Widths of the hidden layers of the mlp: 1 to 16 layers, each 1 to 8192 wide.",
     )
-    hidden_size: int = Field(default=128, ge=1, le=8192, description="Width of residual_mlp blocks and lstm.")
+    hidden_size: int = Field(default=128, ge=1, le=8192, description="Width of residual_mlp blocks.")
     num_blocks: int = Field(default=2, ge=1, le=64, description="Residual blocks of residual_mlp.")
-    d_model: int = Field(default=32, ge=1, le=4096, description="Embedding width of the transformer.")
+    d_model: int = Field(
+        default=32, ge=1, le=4096, description="Embedding width of the transformer; hidden width of the lstm."
+    )
     num_heads: int = Field(default=4, ge=1, le=64, description="Attention heads of the transformer.")
     num_layers: int = Field(default=2, ge=1, le=48, description="Layers of the transformer or lstm.")
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout probability.")
+    sequence_length: int = Field(
+        default=0,
+        ge=0,
+        le=65_536,
+        description="lstm: time steps a row is read as (features in time order, step 0 first); it must divide "
+        "the feature count, each step then holds features/sequenceLength values. 0 picks square rows when the "
+        "feature count is a square (digits: 8 steps of 8 pixels), else one feature per step.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:
@@ -184,6 +194,14 @@ class DatasetSpec(ApiModel):
             "rule": "self.validationFraction + self.testFraction < 0.9",
             "message": "validationFraction + testFraction must leave at least 10% for training",
         },
+        {
+            "rule": "self.source == 'file' || !has(self.categoricalColumns)",
+            "message": "categoricalColumns needs source: file (a CSV with named columns)",
+        },
+        {
+            "rule": "!has(self.categoricalColumns) || !(self.targetColumn in self.categoricalColumns)",
+            "message": "targetColumn cannot be one of categoricalColumns",
+        },
     ]
 
     source: Literal["builtin", "synthetic", "file"] = Field(
@@ -207,6 +225,17 @@ class DatasetSpec(ApiModel):
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.9, description="Share held out for the final test.")
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed of splits, init and shuffling.")
     synthetic: SyntheticData = Field(default_factory=SyntheticData, description="Shape of synthetic data.")
+    categorical_columns: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None,
+        max_length=256,
+        description="CSV columns holding categories: each is one-hot encoded (categories from the training split; "
+        "a value unseen in training encodes as all zeros) and the mapping is saved with the model. source: file only.",
+    )
+    missing_values: Literal["error", "dropRows"] = Field(
+        default="error",
+        description="A missing cell (empty, NaN, NA, n/a, null, none): error fails the job naming file, line and "
+        "column; dropRows drops such rows and records how many.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
@@ -224,6 +253,10 @@ class DatasetSpec(ApiModel):
             )
         if self.validation_fraction + self.test_fraction >= 0.9:
             raise ValueError("validationFraction + testFraction must leave at least 10% for training")
+        if self.categorical_columns is not None and self.source != "file":
+            raise ValueError("categoricalColumns needs source: file (a CSV with named columns)")
+        if self.categorical_columns is not None and self.target_column in self.categorical_columns:
+            raise ValueError("targetColumn cannot be one of categoricalColumns")
         return self
 
 
@@ -253,7 +286,14 @@ class TrainingSpec(ApiModel):
     ]
 
     epochs: int = Field(default=30, ge=1, le=10_000, description="Maximum epochs.")
-    batch_size: int = Field(default=64, ge=1, le=65_536, description="Per-process batch size.")
+    batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=65_536,
+        description="Global batch size: each of the W training processes (workers x procsPerWorker) takes "
+        "ceil(batchSize / W) samples per step, so a run on more processes takes the same optimizer steps and "
+        "learningRate keeps its meaning. Must be >= W.",
+    )
     learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
     optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="adamw or sgd.")
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="Decoupled weight decay.")
@@ -267,6 +307,14 @@ class TrainingSpec(ApiModel):
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping.")
     checkpoint_every: int = Field(default=5, ge=1, le=10_000, description="Write a checkpoint every N epochs.")
     mixed_precision: bool = Field(default=False, description="Automatic mixed precision; used on GPU only.")
+    min_steps: int = Field(
+        default=500,
+        ge=0,
+        le=10_000_000,
+        description="Fewest optimizer steps: when epochs x steps per epoch is fewer (small datasets), the run "
+        "takes as many more epochs as reach it, and warmup, the cosine schedule and early-stopping patience "
+        "stretch by the same factor. 0 turns this off.",
+    )
 
     @model_validator(mode="after")
     def _warmup_shorter(self) -> TrainingSpec:
@@ -331,19 +379,103 @@ class RunPolicy(ApiModel):
     suspend: bool = Field(default=False, description="Stop the pods (keeping checkpoints) until unset.")
 
 
+class ServedLatencySpec(ApiModel):
+    """How the gate measures latency: the candidate archive in TorchServe, configured as a ModelDeployment serves
+    it, called by closed-loop clients inside the validator pod. Batching, workers and resources left unset are
+    those of validation.champion's ModelDeployment when one is named, else the ModelDeployment defaults."""
+
+    batch_size: int | None = Field(
+        default=None, ge=1, le=1024, description="TorchServe batchSize (spec.serving.batchSize; default 32)."
+    )
+    max_batch_delay_ms: int | None = Field(
+        default=None,
+        ge=0,
+        le=60_000,
+        description="TorchServe maxBatchDelay in ms (spec.serving.maxBatchDelayMs; default 5).",
+    )
+    workers: int | None = Field(
+        default=None, ge=1, le=64, description="Python workers (spec.serving.workersPerModel; default 1)."
+    )
+    concurrency: int = Field(
+        default=1, ge=1, le=256, description="Clients sending at the same time, each one request after the other."
+    )
+    requests: int = Field(default=300, ge=20, le=100_000, description="Measured requests, after 20 warm-up ones.")
+    resources: ResourceRequirements | None = Field(
+        default=None,
+        description="Resources of the measuring container (TorchServe and its clients); the NeuralCluster's "
+        "default serving resources when unset.",
+    )
+
+
+class ChampionSpec(ApiModel):
+    """Champion vs challenger: the model a ModelDeployment serves now, scored on the same test rows."""
+
+    model_deployment: Name = Field(
+        description="The ModelDeployment (same namespace) whose served model this one must match or beat."
+    )
+    tolerance: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="How far below the champion's balanced accuracy (classification) or R² (regression) this "
+        "model may score and still pass.",
+    )
+
+
 class ValidationThresholds(ApiModel):
-    """The gate: a model is served only when every threshold holds."""
+    """The gate: a model is served only when every threshold holds.
+
+    Quality is compared on one primary metric: balanced accuracy (the mean per-class recall) for
+    classification, R² for regression, on the test split that neither training nor early stopping saw.
+    """
 
     min_accuracy: float = Field(default=0.85, ge=0.0, le=1.0, description="Minimum test accuracy (classification).")
     max_latency_p95_ms: float = Field(
-        default=100.0, gt=0.0, description="Maximum p95 single-sample inference latency in milliseconds."
+        default=100.0,
+        gt=0.0,
+        description="Maximum p95 latency in milliseconds of one-row requests to the model served by TorchServe "
+        "(see servedLatency), measured by the client.",
     )
-    max_train_val_gap: float = Field(
-        default=0.05, ge=0.0, le=1.0, description="Maximum train minus validation accuracy (overfitting)."
+    min_balanced_accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Minimum test balanced accuracy (classification); unset = off."
+    )
+    min_margin_over_trivial: float = Field(
+        default=0.05,
+        ge=-1.0,
+        le=1.0,
+        description="The primary metric must exceed the trivial baseline's (majority class / mean prediction, "
+        "fitted on the same training split) by at least this much; -1 switches it off for classification.",
+    )
+    min_margin_over_linear: float = Field(
+        default=-0.05,
+        ge=-1.0,
+        le=1.0,
+        description="The primary metric must reach the linear baseline's (logistic / ridge regression on the "
+        "same split) plus this margin: -0.05 lets the network be at most 0.05 below; -1 switches it off for "
+        "classification.",
+    )
+    max_overfitting_gap: float = Field(
+        default=0.15,
+        ge=0.0,
+        le=10.0,
+        description="Maximum train minus test primary metric (overfitting, on rows model selection never saw).",
+    )
+    decide_on: Literal["estimate", "lowerBound"] = Field(
+        default="estimate",
+        description="minAccuracy on the test accuracy (estimate) or on the lower end of its 95 % Wilson interval "
+        "(lowerBound), for small test sets.",
+    )
+    champion: ChampionSpec | None = Field(
+        default=None,
+        description="Pass only if this model scores at least the champion's primary metric minus tolerance.",
     )
     require_convergence: bool = Field(default=True, description="Require the validation loss to have converged.")
     max_rmse: float | None = Field(default=None, gt=0.0, description="Maximum test RMSE (regression).")
     min_r2: float | None = Field(default=None, le=1.0, description="Minimum test R² (regression).")
+    served_latency: ServedLatencySpec = Field(
+        default_factory=ServedLatencySpec,
+        description="The TorchServe settings and load under which maxLatencyP95Ms is measured.",
+    )
 
 
 class ExportSpec(ApiModel):
@@ -355,13 +487,37 @@ class ExportSpec(ApiModel):
     version: Version = Field(
         default="1.0.0", description="Model version: letters, digits, '.', '_' and '-', at most 63 characters."
     )
-    torchscript: bool = Field(default=False, description="Also export TorchScript.")
-    onnx: bool = Field(default=False, description="Also export ONNX (needs the onnx package in the image).")
-    quantize_int8: bool = Field(default=False, description="Also export a dynamically int8-quantized model.")
+    torchscript: bool = Field(
+        default=False, description="Also export TorchScript (raw features in; standardization inside the graph)."
+    )
+    onnx: bool = Field(
+        default=False, description="Also export ONNX, checked with onnxruntime (raw features in, as TorchScript)."
+    )
+    quantize_int8: bool = Field(
+        default=False, description="Also export a dynamically int8-quantized TorchScript model, run one row at a time."
+    )
+    max_export_drop: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Largest drop in test accuracy (classification) or R² (regression) an export may show against the "
+            "float model; an export beyond it is recorded as failed and its file is not kept."
+        ),
+    )
 
 
 class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob. Everything but runPolicy is fixed once the job exists."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {
+            "rule": "!has(self.training) || !has(self.distributed) || self.training.batchSize >= "
+            "self.distributed.workers * self.distributed.procsPerWorker",
+            "message": "training.batchSize is the global batch: it must be at least distributed.workers x "
+            "procsPerWorker (one row per process)",
+        },
+    ]
 
     cluster_ref: ObjectRef = Field(
         description="The NeuralCluster that provides images, storage and limits.",
@@ -393,6 +549,13 @@ class TrainingJobSpec(ApiModel):
         description="Name, version and export formats.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
+
+
+    @model_validator(mode="after")
+    def _a_row_per_process(self) -> TrainingJobSpec:
+        if self.training.batch_size < self.distributed.workers * self.distributed.procs_per_worker:
+            raise ValueError(self.cel_rules[0]["message"])
+        return self
 
 
 TrainingJobPhase = Literal[
@@ -432,10 +595,30 @@ class ValidationResult(StatusModel):
     accuracy: float | None = Field(default=None, description="Test accuracy.")
     rmse: float | None = Field(default=None, description="Test RMSE.")
     r2: float | None = Field(default=None, description="Test R².")
-    latency_p50_ms: float | None = Field(default=None, description="p50 single-sample latency (ms).")
-    latency_p95_ms: float | None = Field(default=None, description="p95 single-sample latency (ms).")
-    latency_p99_ms: float | None = Field(default=None, description="p99 single-sample latency (ms).")
-    train_val_gap: float | None = Field(default=None, description="Train minus validation accuracy.")
+    latency_p50_ms: float | None = Field(
+        default=None, description="p50 served latency (ms): TorchServe with the serving settings, timed by clients."
+    )
+    latency_p95_ms: float | None = Field(default=None, description="p95 served latency (ms); maxLatencyP95Ms gates it.")
+    latency_p99_ms: float | None = Field(default=None, description="p99 served latency (ms).")
+    model_latency_p95_ms: float | None = Field(
+        default=None, description="p95 of the model alone, in process at batch 1 (ms): what serving adds is the rest."
+    )
+    balanced_accuracy: float | None = Field(default=None, description="Test balanced accuracy (classification).")
+    baseline_trivial: float | None = Field(
+        default=None, description="Primary metric of the trivial baseline (majority class / mean) on the test split."
+    )
+    baseline_linear: float | None = Field(
+        default=None, description="Primary metric of the linear baseline (logistic / ridge) on the test split."
+    )
+    champion_score: float | None = Field(
+        default=None, description="Primary metric of the champion ModelDeployment's model on the same test rows."
+    )
+    overfitting_gap: float | None = Field(default=None, description="Train minus test primary metric.")
+    macro_f1: float | None = Field(default=None, description="Test macro-averaged F1 (classification).")
+    roc_auc: float | None = Field(default=None, description="Test ROC-AUC (two classes).")
+    accuracy_interval: list[float] | None = Field(
+        default=None, description="95 % Wilson interval [low, high] of the test accuracy."
+    )
     converged: bool | None = Field(default=None, description="Whether validation loss converged.")
     failed_thresholds: list[str] = Field(default_factory=list, description="Every threshold that failed, named.")
 

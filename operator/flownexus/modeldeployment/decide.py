@@ -2,7 +2,9 @@
 
 One transition per tick; every bit of state (phase, step, failed checks, when the step began, the last
 analysis) lives in status, so a restarted operator takes the same decision from the same status. Read it
-top to bottom: :func:`decide` dispatches on the phase, one small function per phase.
+top to bottom: :func:`decide` dispatches on the phase, one small function per phase. Manual control comes
+from the spec too: ``spec.rollout.paused`` holds a canary (and the start of one), and a one-shot
+``spec.rollout.action`` is applied once per id, its id recorded in ``status.actions`` in the same write.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Literal
 from ..api.modeldeployment import (
     AnalysisResult,
     CanaryState,
+    HandledAction,
     HistoryEntry,
     ModelDeploymentSpec,
     ModelDeploymentStatus,
+    RolloutAction,
     ServedVersion,
 )
 from ..meta import TIME_FORMAT, parse_time, set_condition
@@ -26,6 +30,8 @@ from ..prometheus import NoData, QueryResult, Rejected
 from .children import achieved_weight, canary_replicas, max_replicas
 
 HISTORY_LIMIT = 50  # entries kept in status.history
+ACTION_LIMIT = 20  # handled spec.rollout.action ids kept in status.actions
+PAUSED = "Paused"  # the reason (and condition type) while spec.rollout.paused holds a rollout
 
 
 class Phase(StrEnum):
@@ -46,9 +52,12 @@ ACTIVE_PHASES = {Phase.PROGRESSING.value, Phase.CANARY.value, Phase.PROMOTING.va
 def wants_tick(spec: ModelDeploymentSpec, status: ModelDeploymentStatus) -> bool:
     """Whether the periodic timer has anything to do: a rollout under way, or something to wait for.
 
-    Idle deployments (Available at the wanted version, RolledBack at the failed one, Failed) cost nothing.
+    Idle deployments (Available at the wanted version, RolledBack at the failed one, Failed) cost nothing, and
+    so does a rollout held by spec.rollout.paused: unsetting it is a spec change, which the watch brings.
     """
     phase = status.phase
+    if spec.rollout.paused and status.reason == PAUSED:
+        return False
     if phase in ACTIVE_PHASES or phase in (None, Phase.PENDING.value):
         return True
     if status.stable is None or spec.model.version == status.stable.version:
@@ -148,6 +157,8 @@ def seconds_to_next_analysis(spec: ModelDeploymentSpec, status: ModelDeploymentS
     canary = status.canary
     if status.phase != Phase.CANARY.value or canary is None:
         return None
+    if spec.rollout.paused or canary.paused_at is not None:
+        return None  # held: no analysis; resuming restarts the step's clock first
     started = parse_time(canary.step_started_at)
     if started is None:
         return 0.0
@@ -217,7 +228,27 @@ def decide(spec: ModelDeploymentSpec, status: ModelDeploymentStatus, obs: Observ
     if obs.cluster_problem:
         _phase(plan, spec, st.phase or Phase.PENDING.value, "ClusterNotReady", obs.cluster_problem, generation)
         plan.route = "both" if st.canary is not None else "stable"
-        return plan
+        return plan  # a pending action waits for the cluster too
+    _dispatch(spec, plan, obs, generation)
+    _paused_condition(spec, plan, generation)
+    return plan
+
+
+def pending_action(spec: ModelDeploymentSpec, status: ModelDeploymentStatus) -> RolloutAction | None:
+    """spec.rollout.action when its id has not been handled yet (status.actions keeps the handled ids)."""
+    action = spec.rollout.action
+    if action is None or any(done.id == action.id for done in status.actions):
+        return None
+    return action
+
+
+def _dispatch(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
+    st = plan.status
+    action = pending_action(spec, st)
+    if action is not None:
+        acted = _manual(spec, plan, obs, action, generation)
+        if acted is not None:
+            return acted
     if st.stable is None:
         return _first_version(spec, plan, obs, generation)
     phase = st.phase or Phase.AVAILABLE.value
@@ -275,6 +306,13 @@ def _serving(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: i
         message = f"version {wanted} starts as a canary once the previous canary Deployment and its pods are gone"
         _phase(plan, spec, Phase.AVAILABLE.value, "RetiringCanary", message, generation)
         return plan
+    if spec.rollout.paused:
+        message = (
+            f"version {wanted} waits to start its canary: spec.rollout.paused is set; "
+            f"stable {st.stable.version} serves all traffic"
+        )
+        _phase(plan, spec, Phase.AVAILABLE.value, PAUSED, message, generation)
+        return plan
     return _start_canary(spec, plan, obs, obs.source, generation)
 
 
@@ -316,6 +354,22 @@ def _canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: in
     plan.canary_action = "ensure"
     plan.route = "both"
     _size_canary(spec, plan, obs)
+    steps = len(spec.rollout.steps)
+    where = f"step {canary.step + 1}/{steps} at {canary.weight}%"
+    if spec.rollout.paused:
+        # Held: same step, same weight, no analysis (a measurement taken anyway is not used).
+        canary.paused_at = canary.paused_at or now_str(obs.now)
+        message = f"canary {canary.version} holds {where}: spec.rollout.paused is set"
+        _phase(plan, spec, Phase.CANARY.value, PAUSED, message, generation)
+        return plan
+    if canary.paused_at is not None:
+        # Resumed: the step starts over (its clock and the no-data clock); failed checks so far are kept.
+        canary.paused_at = None
+        canary.step_started_at = now_str(obs.now)
+        canary.no_data_since = None
+        message = f"canary {canary.version} resumed at {where}; next analysis in {spec.rollout.interval}"
+        _phase(plan, spec, Phase.CANARY.value, "Resumed", message, generation)
+        return plan
     if obs.measurement is None:  # not due yet
         return plan
 
@@ -357,11 +411,19 @@ def _canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: in
         plan.events.append(Event("Normal", "CanaryStepAdvanced", f"canary {canary.version}: {message}"))
         _phase(plan, spec, Phase.CANARY.value, "CanaryStepAdvanced", message, generation)
         return plan
-    return _promote(spec, plan, obs, result.message or "", generation)
+    why = f"passed all {len(spec.rollout.steps)} steps; last check: {result.message or ''}"
+    return _promote(spec, plan, obs, why, generation)
 
 
-def _promote(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, last: str, generation: int | None) -> Plan:
-    """Canary -> Promoting: stable switches to the new version (history: Promoted, old Retired)."""
+def _promote(
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    obs: Observed,
+    why: str,
+    generation: int | None,
+    summary: str = "passed every step",
+) -> Plan:
+    """Canary -> Promoting: stable switches to the new version (history: Promoted with ``why``, old Retired)."""
     st = plan.status
     canary, old = st.canary, st.stable
     assert canary is not None and old is not None
@@ -384,12 +446,13 @@ def _promote(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, last: str, ge
         metrics,
         "Promoted",
         obs.now,
-        f"passed all {len(spec.rollout.steps)} steps; last check: {last}",
+        why,
     )
+    canary.paused_at = None
     plan.canary_action = "ensure"
     plan.route = "both"
     plan.decisions.append("promote")
-    message = f"canary {canary.version} passed every step; stable switches from {old.version} to {canary.version}"
+    message = f"canary {canary.version} {summary}; stable switches from {old.version} to {canary.version}"
     _phase(plan, spec, Phase.PROMOTING.value, "Promoting", message, generation)
     return plan
 
@@ -451,7 +514,7 @@ def _abort(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int
 def _rolled_back(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
     """RolledBack stays until spec.model.version names another version (stable's, or a new canary)."""
     st = plan.status
-    failed = next((h.version for h in reversed(st.history) if h.outcome == "RolledBack"), None)
+    failed = _rolled_back_version(st)
     if spec.model.version == failed:
         plan.canary_action = "scale_to_zero" if obs.canary is not None and obs.canary.replicas else "none"
         plan.route = "stable"
@@ -465,6 +528,86 @@ def _rolled_back(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generatio
         )
         return plan
     return _serving(spec, plan, obs, generation)
+
+
+# ---- manual control ---------------------------------------------------------------------------------
+
+
+def _manual(
+    spec: ModelDeploymentSpec, plan: Plan, obs: Observed, action: RolloutAction, generation: int | None
+) -> Plan | None:
+    """Handle spec.rollout.action once: the plan of the transition it makes, or None (it was Ignored, the
+    reason recorded) to go on with the phase's own decision. Either way its id lands in status.actions."""
+    st = plan.status
+    canary, stable = st.canary, st.stable
+    phase = st.phase or (Phase.AVAILABLE.value if stable is not None else Phase.PENDING.value)
+    by = f"spec.rollout.action {action.name} (id {action.id})"
+    running = phase == Phase.CANARY.value and canary is not None and stable is not None
+    why_not = ""
+    if action.name in ("promote", "abort") and not running:
+        why_not = f"no canary under analysis (phase {phase})"
+    elif action.name in ("promote", "abort") and canary is not None and spec.model.version != canary.version:
+        why_not = f"spec.model.version {spec.model.version} is not the canary's {canary.version}"
+    elif action.name == "retry":
+        failed = _rolled_back_version(st)
+        if phase != Phase.ROLLED_BACK.value or stable is None:
+            why_not = f"retry applies to a RolledBack deployment (phase {phase})"
+        elif spec.model.version != failed:
+            why_not = f"spec.model.version {spec.model.version} is not the rolled-back {failed}: it rolls out anyway"
+    if why_not:
+        _record_action(st, action, obs.now, "Ignored", why_not)
+        plan.events.append(Event("Warning", "ActionIgnored", f"{by} ignored: {why_not}"))
+        return None
+    plan.decisions.append(f"manual_{action.name}")
+    if action.name == "promote":
+        assert canary is not None
+        steps = len(spec.rollout.steps)
+        why = f"promoted by {by} at step {canary.step + 1}/{steps} ({canary.weight}%)"
+        _record_action(st, action, obs.now, "Applied", why)
+        return _promote(spec, plan, obs, why, generation, summary=why)
+    if action.name == "abort":
+        why = f"aborted by {by}"
+        _record_action(st, action, obs.now, "Applied", why)
+        return _rollback(spec, plan, obs, why, generation)
+    # retry: back to serving, where the rolled-back version starts its canary again from the first step
+    message = f"version {spec.model.version} is tried again as a canary ({by})"
+    _record_action(st, action, obs.now, "Applied", message)
+    plan.events.append(Event("Normal", "RetryRequested", message))
+    st.phase = Phase.AVAILABLE.value
+    return _serving(spec, plan, obs, generation)
+
+
+def _record_action(
+    st: ModelDeploymentStatus,
+    action: RolloutAction,
+    now: datetime,
+    result: Literal["Applied", "Ignored"],
+    message: str,
+) -> None:
+    done = HandledAction(name=action.name, id=action.id, handled_at=now_str(now), result=result, message=message)
+    st.actions = [*st.actions, done][-ACTION_LIMIT:]
+
+
+def _rolled_back_version(st: ModelDeploymentStatus) -> str | None:
+    return next((h.version for h in reversed(st.history) if h.outcome == "RolledBack"), None)
+
+
+def _paused_condition(spec: ModelDeploymentSpec, plan: Plan, generation: int | None) -> None:
+    """Paused=True while spec.rollout.paused is set (its message says what it holds); False once unset."""
+    st = plan.status
+    had = any(c.type == PAUSED for c in st.conditions)
+    if not spec.rollout.paused and not had:
+        return
+    if not spec.rollout.paused:
+        st.conditions = set_condition(
+            st.conditions, PAUSED, False, "Resumed", "spec.rollout.paused is not set", generation
+        )
+        return
+    if st.reason == PAUSED:
+        message = st.message or "spec.rollout.paused is set"
+    else:
+        message = f"spec.rollout.paused is set; nothing to hold now (phase {st.phase}): a new version will wait"
+    st.conditions = set_condition(st.conditions, PAUSED, True, PAUSED, message, generation)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

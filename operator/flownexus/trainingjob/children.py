@@ -10,9 +10,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from .. import API_VERSION
+from ..api.modeldeployment import ServingSpec
 from ..api.neuralcluster import NeuralClusterSpec
-from ..api.trainingjob import TrainingJobSpec
+from ..api.trainingjob import ServedLatencySpec, TrainingJobSpec
 from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
 
 MASTER_PORT = 29500
@@ -21,6 +24,10 @@ CONFIG_ANNOTATION = "flownexus.io/trainer-config"
 ARTIFACT_ROOT = "/artifacts"
 # The trainer image's unprivileged user (trainer_image/Containerfile.trainer).
 TRAINER_UID = 10001
+# The validator's TorchServe scratch dir (an emptyDir), as SERVE_ROOT in a ModelDeployment's pods; the candidate
+# archive, its request rows and the first step's verdict pass from one validator step to the other in it.
+SERVE_ROOT = "/srv/flownexus"
+CANDIDATE_DIR = f"{SERVE_ROOT}/candidate"
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,8 @@ class TrainingContext(OwnedContext):
     spec: TrainingJobSpec
     cluster: NeuralClusterSpec
     artifact_claim: str
+    # What the validator learns about spec.validation.champion (see champion_paths); workers never get it.
+    champion: dict[str, str] | None = None
 
     @property
     def run_dir(self) -> str:
@@ -78,8 +87,56 @@ def trainer_config(ctx: TrainingContext) -> dict[str, Any]:
         "distributed": {"backend": ctx.spec.distributed.backend},
         "validation": spec["validation"],
         "output": output,
-        "paths": {"artifactRoot": ARTIFACT_ROOT, "runDir": ctx.run_dir},
+        "paths": {"artifactRoot": ARTIFACT_ROOT, "runDir": ctx.run_dir, **(ctx.champion or {})},
     }
+
+
+def resolve_served_latency(current: ServedLatencySpec, serving: Manifest | None) -> ServedLatencySpec:
+    """``current`` with every unset setting taken from a ModelDeployment's ``spec.serving`` (the champion's), or
+    from the ModelDeployment defaults when there is none: the latency gate serves the model as it will be served."""
+    try:
+        spec = ServingSpec.model_validate(serving or {})
+    except ValidationError:  # the API server validated it already; a stale schema must not block the gate
+        spec = ServingSpec()
+    return current.model_copy(
+        update={
+            "batch_size": current.batch_size if current.batch_size is not None else spec.batch_size,
+            "max_batch_delay_ms": (
+                current.max_batch_delay_ms if current.max_batch_delay_ms is not None else spec.max_batch_delay_ms
+            ),
+            "workers": current.workers if current.workers is not None else spec.workers_per_model,
+            "resources": current.resources or spec.resources,
+        }
+    )
+
+
+def champion_paths(
+    name: str, deployment: Manifest | None, deployment_claim: str | None, own_claim: str
+) -> dict[str, str]:
+    """Where the validator finds the model that ModelDeployment ``name`` serves now (``paths.champion*``).
+
+    ``championRunDir``: the run directory of its stable archive, relative to the artifact root.
+    ``championAbsent``: there is nothing to beat yet (no such ModelDeployment, or it serves nothing).
+    ``championError``: it serves a model the validator cannot reach or score; the gate fails with it.
+    """
+    if deployment is None:
+        return {"championAbsent": f"ModelDeployment {name} does not exist (yet)"}
+    stable = (deployment.get("status") or {}).get("stable") or {}
+    archive = stable.get("archive")
+    if not archive:
+        return {"championAbsent": f"ModelDeployment {name} serves no model yet"}
+    if deployment_claim != own_claim:
+        return {
+            "championError": f"ModelDeployment {name} keeps its models in another artifact store "
+            f"(claim {deployment_claim}, this job uses {own_claim})"
+        }
+    parts = str(archive).strip("/").split("/")
+    if len(parts) < 3 or parts[-2] != "model-store" or ".." in parts:
+        return {
+            "championError": f"ModelDeployment {name} serves {archive}, which is not a TrainingJob's archive "
+            "(<run dir>/model-store/<model>.mar): there is no trained model to score"
+        }
+    return {"championRunDir": "/".join(parts[:-2]), "championVersion": str(stable.get("version", ""))}
 
 
 def pod_template_metadata(ctx: TrainingContext, labels: dict[str, str]) -> Manifest:
@@ -195,7 +252,6 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
     dist = ctx.spec.distributed
     job_name = worker_job_name(ctx.name, attempt)
     volumes, mounts = _volumes(ctx)
-    threads = "1" if dist.procs_per_worker > 1 else "2"
     torchrun = [
         "torchrun",
         f"--nnodes={dist.workers}",
@@ -211,8 +267,8 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
         *_base_env(ctx),
         {"name": "FLOWNEXUS_ATTEMPT", "value": str(attempt)},
         {"name": "FLOWNEXUS_REPORT_STATUS", "value": "1"},
-        # One intra-op thread per process when processes share the cores (see FINDINGS.md).
-        {"name": "OMP_NUM_THREADS", "value": threads},
+        # No OMP_NUM_THREADS: each process takes the pod's CPU limit (cgroup cpu.max) divided by the processes
+        # per pod (flownexus_trainer.distributed), so the same job gets the same threads on any node type.
     ]
     pod_labels = {"flownexus.io/role": "worker", "flownexus.io/attempt": str(attempt)}
     meta = child_metadata(ctx.owner, job_name, "trainer", **pod_labels)
@@ -253,11 +309,43 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
+def _serving_env() -> list[Manifest]:
+    """The TorchServe container's environment as a ModelDeployment's: HOME writable, one thread per worker."""
+    return [
+        {"name": "FLOWNEXUS_CONFIG", "value": f"{CONFIG_DIR}/config.json"},
+        {"name": "FLOWNEXUS_CANDIDATE_DIR", "value": CANDIDATE_DIR},
+        {"name": "HOME", "value": SERVE_ROOT},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
 def build_validator_job(ctx: TrainingContext) -> Manifest:
-    """The validator: measures the final model against the thresholds; verdict in its termination message."""
+    """The validator, two steps in one pod; its verdict is the termination message of the second.
+
+    1. ``validate`` (init container, trainer image, the training resources): quality, convergence, the
+       candidate archive (``python -m flownexus_trainer.candidate``).
+    2. ``served-latency`` (server image, the serving resources): the candidate archive in TorchServe, configured
+       as a ModelDeployment with ``spec.validation.servedLatency`` runs it, timed by in-pod clients; applies
+       ``maxLatencyP95Ms`` to that, writes the final verdict and only then the archive into model-store/.
+    """
     volumes, mounts = _volumes(ctx)
     meta = child_metadata(ctx.owner, validator_job_name(ctx.name), "validator", **{"flownexus.io/role": "validator"})
     resources = (ctx.spec.distributed.resources or ctx.cluster.default_training_resources).to_wire()
+    served = ctx.spec.validation.served_latency
+    serving_resources = (served.resources or ctx.cluster.default_serving_resources).to_wire()
+    # TorchServe's scratch space (config, model store, logs) and the steps' hand-over: private to this pod, so that
+    # nothing else can plant a verdict between the steps; the root filesystem stays read-only.
+    volumes += [
+        {"name": "serve", "emptyDir": {"sizeLimit": "4Gi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+    ]
+    server_mounts = [
+        *(m for m in mounts if m["name"] in ("artifacts", "config")),
+        {"name": "serve", "mountPath": SERVE_ROOT},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -270,18 +358,37 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
                     "restartPolicy": "Never",
                     # The validator needs no API rights: its verdict travels in the termination message.
                     "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
                     "securityContext": _pod_security(),
                     **pod_placement(ctx.cluster.training),
-                    "containers": [
+                    "initContainers": [
                         {
-                            "name": "validator",
+                            "name": "validate",
                             "image": ctx.cluster.images.trainer,
                             "imagePullPolicy": ctx.cluster.images.pull_policy,
-                            "command": ["python", "-m", "flownexus_trainer.validate"],
-                            "env": [*_base_env(ctx), {"name": "OMP_NUM_THREADS", "value": "1"}],
+                            "command": ["python", "-m", "flownexus_trainer.candidate"],
+                            "env": [
+                                *_base_env(ctx),
+                                {"name": "OMP_NUM_THREADS", "value": "1"},
+                                {"name": "FLOWNEXUS_CANDIDATE_DIR", "value": CANDIDATE_DIR},
+                            ],
                             "resources": resources,
-                            "volumeMounts": mounts,
+                            "volumeMounts": [*mounts, {"name": "serve", "mountPath": SERVE_ROOT}],
                             "securityContext": _container_security(),
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                        }
+                    ],
+                    "containers": [
+                        {
+                            "name": "served-latency",
+                            "image": ctx.cluster.images.server,
+                            "imagePullPolicy": ctx.cluster.images.pull_policy,
+                            "command": ["python", "-m", "flownexus_trainer.served_latency", "--work-dir", SERVE_ROOT],
+                            "workingDir": SERVE_ROOT,
+                            "env": _serving_env(),
+                            "resources": serving_resources,
+                            "volumeMounts": server_mounts,
+                            "securityContext": {**_container_security(), "readOnlyRootFilesystem": True},
                             "terminationMessagePolicy": "File",
                         }
                     ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,8 @@ from .children import (
     build_trainer_rbac,
     build_validator_job,
     build_worker_job,
+    champion_paths,
+    resolve_served_latency,
     validator_job_name,
     worker_job_name,
 )
@@ -178,12 +181,19 @@ class TrainingJobReconciler:
         """(pod, terminated container state) of the pods of *this* Job (by its uid), as the API lists them."""
         uid = job["metadata"]["uid"]
         pods = self.client.list("Pod", namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}")
-        return [
-            (pod, cs["state"]["terminated"])
-            for pod in pods
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []
-            if (cs.get("state") or {}).get("terminated")
-        ]
+        out = []
+        for pod in pods:
+            status = pod.get("status") or {}
+            for cs in status.get("containerStatuses") or []:
+                if (cs.get("state") or {}).get("terminated"):
+                    out.append((pod, cs["state"]["terminated"]))
+            # A failed init container (the validator's first step) says why the pod never got further; a
+            # succeeded one is not a verdict: only the pod's last container has the final word.
+            for cs in status.get("initContainerStatuses") or []:
+                terminated = (cs.get("state") or {}).get("terminated") or {}
+                if terminated and terminated.get("exitCode") != 0:
+                    out.append((pod, terminated))
+        return out
 
     def _worker_error(self, namespace: str, job: Manifest) -> tuple[str, bool]:
         """What the failed attempt's pods said last (their termination messages), and whether a restart
@@ -236,7 +246,7 @@ class TrainingJobReconciler:
             if plan.create_attempt is not None:
                 out.append(Apply(build_worker_job(ctx, plan.create_attempt, _remaining(ctx, plan)), create_only=True))
             if plan.create_validator:
-                out.append(Apply(build_validator_job(ctx), create_only=True))
+                out.append(Apply(build_validator_job(self._validator_context(ctx)), create_only=True))
         if plan.suspend_attempt is not None:
             job = worker_job_name(name, plan.status.attempt)
             out.append(Patch("Job", job, {"spec": {"suspend": plan.suspend_attempt}}))
@@ -244,6 +254,24 @@ class TrainingJobReconciler:
         if plan.delete_self:
             out.append(Delete(KIND, name))
         return out
+
+
+    def _validator_context(self, ctx: TrainingContext) -> TrainingContext:
+        """The validator's context, resolved from the cache at the moment it starts: where the model of
+        spec.validation.champion's ModelDeployment lies, and the serving settings the latency gate uses."""
+        champion = ctx.spec.validation.champion
+        md = self.cache.get("ModelDeployment", ctx.namespace, champion.model_deployment) if champion else None
+        paths = None
+        if champion is not None:
+            md_claim = None
+            if md is not None:
+                cluster_ref = ((md.get("spec") or {}).get("clusterRef") or {}).get("name", "")
+                md_claim = cluster_view(self.cache, ctx.namespace, cluster_ref).claim
+            paths = champion_paths(champion.model_deployment, md, md_claim, ctx.artifact_claim)
+        serving = (md.get("spec") or {}).get("serving") if md is not None else None
+        served = resolve_served_latency(ctx.spec.validation.served_latency, serving)
+        validation = ctx.spec.validation.model_copy(update={"served_latency": served})
+        return replace(ctx, champion=paths, spec=ctx.spec.model_copy(update={"validation": validation}))
 
 
 def _pods_missing(job: Manifest) -> bool:

@@ -30,7 +30,7 @@ DIGITS_CONFIG: dict[str, Any] = {
         "epochs": 20, "batchSize": 32, "learningRate": 0.002, "checkpointEvery": 4,
         "earlyStopping": {"enabled": True, "patience": 6},
     },
-    "validation": {"minAccuracy": 0.94, "maxTrainValGap": 0.08},
+    "validation": {"minAccuracy": 0.94, "maxOverfittingGap": 0.08},
     "output": {"modelName": "digits", "version": "1.0.0", "torchscript": True, "quantizeInt8": True, "onnx": True},
 }  # fmt: skip
 

@@ -25,7 +25,8 @@ def raw_config(root: Path, **sections: Any) -> dict[str, Any]:
         "namespace": "test",
         "model": {"architecture": "mlp", "hiddenSizes": [16], "dropout": 0.1},
         "dataset": {"source": "synthetic", "synthetic": {"samples": 240, "features": 6, "classes": 3}},
-        "training": {"epochs": 4, "batchSize": 32, "learningRate": 0.01, "checkpointEvery": 2},
+        # minSteps 0: these tests count epochs; the minSteps extension has tests of its own.
+        "training": {"epochs": 4, "batchSize": 32, "learningRate": 0.01, "checkpointEvery": 2, "minSteps": 0},
         "paths": {"artifactRoot": str(root), "runDir": str(root / "test" / "tiny")},
     }
     return deep_merge(base, sections)

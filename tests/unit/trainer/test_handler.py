@@ -8,17 +8,40 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.utils.util import PredictionException
 
 from flownexus_trainer import handler as handler_module
+from flownexus_trainer.data import canonical_label
+from flownexus_trainer.distributed import DistContext
 from flownexus_trainer.export import stage_archive
-from flownexus_trainer.handler import LATENCY_METRIC, FlowNexusHandler, parse_rows
+from flownexus_trainer.handler import (
+    LATENCY_METRIC,
+    UNSEEN_METRIC,
+    FlowNexusHandler,
+    canonical_category,
+    make_schema,
+    parse_request,
+    parse_rows,
+)
 from flownexus_trainer.models import build_model
+from flownexus_trainer.progress import Progress
+from flownexus_trainer.train import Trainer
+
+SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 
 FEATURES = 4
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.reports: list[Progress] = []
+
+    def report(self, progress: Progress) -> None:
+        self.reports.append(progress)
 
 
 class FakeMetric:
@@ -158,3 +181,111 @@ def test_handler_module_defines_exactly_one_class() -> None:
     # TorchServe refuses a handler module with more than one class of its own.
     own = [c for _, c in inspect.getmembers(handler_module, inspect.isclass) if c.__module__ == handler_module.__name__]
     assert own == [FlowNexusHandler]
+
+
+# --- object rows keyed by column name, categorical columns ---------------------------------------
+
+SCHEMA = {"columns": ["size", "color", "weight"], "categorical": {"color": ["1", "blue", "red"]}}
+
+
+@pytest.mark.parametrize(
+    ("row", "features", "unseen"),
+    [
+        ({"size": 2, "color": "red", "weight": 0.5}, [2.0, 0.0, 0.0, 1.0, 0.5], []),
+        ({"weight": 0.5, "color": "blue", "size": 2}, [2.0, 0.0, 1.0, 0.0, 0.5], []),  # key order does not matter
+        ({"size": 2, "color": 1.0, "weight": 0}, [2.0, 1.0, 0.0, 0.0, 0.0], []),  # 1.0 is category "1"
+        ({"size": 2, "color": " 1 ", "weight": 0}, [2.0, 1.0, 0.0, 0.0, 0.0], []),
+        ({"size": 2, "color": "purple", "weight": 0}, [2.0, 0.0, 0.0, 0.0, 0.0], ["color"]),  # unseen: zeros
+    ],
+)
+def test_object_rows_are_one_hot_encoded_like_training(
+    row: dict[str, Any], features: list[float], unseen: list[str]
+) -> None:
+    assert parse_request({"inputs": [row]}, 5, SCHEMA) == ([features], [unseen])
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"size": 2, "weight": 0.5}, r'inputs\[0\]: missing column "color"'),
+        ({"size": 2, "color": "red", "weight": "x"}, r'inputs\[0\]\["weight"\]: expected a finite number, got .x.'),
+        ({"size": None, "color": "red", "weight": 1}, r'inputs\[0\]\["size"\]: expected a finite number, got None'),
+        ({"size": 2, "color": True, "weight": 1}, r'inputs\[0\]\["color"\]: expected a category'),
+        ({"size": 2, "color": "red", "weight": 1, "colour": "x"}, r'inputs\[0\]: unknown column "colour"'),
+    ],
+)
+def test_object_rows_name_the_missing_column_or_bad_value(row: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_request({"inputs": [row]}, 5, SCHEMA)
+
+
+def test_object_rows_without_a_schema_ask_for_numbers() -> None:
+    with pytest.raises(ValueError, match="this model has no column names; send a list of 5 numbers"):
+        parse_request({"inputs": {"a": 1}}, 5, None)
+
+
+@pytest.mark.parametrize("text", ["1", "1.0", " 1 ", "01", "-0", "2.50", "1e3", "cat", " Cat ", "1_000", "inf", "0.1"])
+def test_serving_spells_categories_as_training_does(text: str) -> None:
+    assert canonical_category(text) == canonical_label(text)
+
+
+def test_a_schema_that_does_not_match_the_model_is_refused() -> None:
+    spec = {"numFeatures": 4, "inputSchema": SCHEMA}
+    with pytest.raises(ValueError, match="inputSchema gives 5 features"):
+        make_schema(spec)
+    assert make_schema({"numFeatures": 2, "featureNames": ["a", "b"]}) == {"columns": ["a", "b"], "categorical": {}}
+    assert make_schema({"numFeatures": 3, "featureNames": ["a", "b"]}) is None
+
+
+def test_object_rows_on_a_model_without_column_names_are_a_400(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler, context = make_handler(tmp_path, monkeypatch)  # featureNames absent: numeric rows only
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([request({"inputs": {"a": 1}})], context)
+    assert raised.value.error_code == 400 and "no column names" in raised.value.message
+
+
+def test_categorical_round_trip_train_on_csv_then_serve_an_object_row(
+    make_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CSV whose label is decided by a category: the real trainer learns it, the handler answers by name."""
+    rng = np.random.default_rng(0)
+    colors = ["red", "green", "blue"]
+    lines = ["size,color,label"]
+    for _ in range(240):
+        color = colors[int(rng.integers(3))]
+        lines.append(f"{rng.normal():.3f},{color},{'warm' if color == 'red' else 'cold'}")
+    (tmp_path / "paint.csv").write_text("\n".join(lines) + "\n")
+    cfg = make_config(
+        dataset={"source": "file", "path": "paint.csv", "targetColumn": "label", "categoricalColumns": ["color"]},
+        training={"epochs": 8},
+    )
+    Trainer(cfg, SINGLE, Recorder()).run()
+    model_dir = cfg.run_dir / "model"
+    spec = json.loads((model_dir / "model_config.json").read_text())
+    assert spec["inputSchema"] == {"columns": ["size", "color"], "categorical": {"color": ["blue", "green", "red"]}}
+    assert spec["featureNames"] == ["size", "color=blue", "color=green", "color=red"]
+
+    unpacked = tmp_path / "unpacked"
+    stage_archive(model_dir, unpacked)
+    monkeypatch.syspath_prepend(str(unpacked))
+    for name in ("served_model", "flownexus_models"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    context = FakeContext(unpacked)
+    handler = FlowNexusHandler()
+    handler.initialize(context)
+    rows = [{"size": 0.1, "color": "red"}, {"size": 0.1, "color": "blue"}, {"size": 0.1, "color": "purple"}]
+    [response] = handler.handle([request({"inputs": rows})], context)
+    warm, cold, unseen = response["predictions"]
+    assert warm["label"] == "warm" and cold["label"] == "cold"
+    assert unseen["unseenCategories"] == ["color"] and "unseenCategories" not in warm
+    counter, kind, dims = context.metrics.registered[UNSEEN_METRIC]
+    assert kind == MetricTypes.COUNTER and dims == ["ModelName", "ModelVersion", "Column"]
+    assert counter.observed == [(1, ["tiny", "2.0", "color"])]
+    # The same row as numbers (size, then the one-hot columns) gives the same answer.
+    [numeric] = handler.handle([request({"inputs": [[0.1, 0.0, 0.0, 1.0]]})], context)
+    assert numeric["predictions"][0]["probabilities"] == warm["probabilities"]
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([request({"inputs": {"size": "big", "color": "red"}})], context)
+    assert raised.value.error_code == 400 and 'inputs[0]["size"]: expected a finite number' in raised.value.message

@@ -10,9 +10,17 @@ from typing import Any
 import pytest
 import torch
 
+from flownexus_trainer.config import TrainingConfig
 from flownexus_trainer.distributed import DistContext
 from flownexus_trainer.progress import Progress
-from flownexus_trainer.train import EarlyStopping, Trainer, lr_factor, truncate_metrics
+from flownexus_trainer.train import (
+    EarlyStopping,
+    Trainer,
+    lr_factor,
+    per_process_batch,
+    plan_run,
+    truncate_metrics,
+)
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 
@@ -120,3 +128,44 @@ def test_truncate_metrics_drops_epochs_after_the_resume_point(tmp_path: Path) ->
     path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, 6)))
     truncate_metrics(path, 3)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+PLANS = [
+    # batchSize, world size, samples per process, epochs, minSteps -> per-process batch, steps/epoch, epochs, patience
+    (64, 1, 1257, 30, 500, 64, 20, 30, 5),  # digits: 600 steps already
+    (64, 2, 629, 30, 500, 32, 20, 30, 5),  # the same global batch on 2 processes: same steps per epoch
+    (64, 3, 419, 30, 500, 22, 20, 30, 5),  # 64 / 3 rounds up to 22
+    (64, 1, 106, 30, 500, 64, 2, 250, 42),  # iris: 60 steps extended to 500, patience stretched alike
+    (64, 1, 106, 30, 0, 64, 2, 30, 5),  # minSteps 0 turns the extension off
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("batch", "world", "samples", "epochs", "min_steps", "per", "spe", "planned", "pat"), PLANS)
+def test_plan_shares_the_global_batch_and_extends_short_runs_to_min_steps(
+    batch: int, world: int, samples: int, epochs: int, min_steps: int, per: int, spe: int, planned: int, pat: int
+) -> None:
+    cfg = TrainingConfig.from_dict({"batchSize": batch, "epochs": epochs, "minSteps": min_steps})
+    plan = plan_run(cfg, samples, world)
+    assert (plan.per_process_batch, plan.steps_per_epoch, plan.epochs, plan.patience) == (per, spe, planned, pat)
+    assert plan.total_steps == planned * spe and plan.total_steps >= min(min_steps, plan.total_steps)
+    assert plan.warmup_steps == round(plan.total_steps / epochs)  # one warmup epoch keeps its share of the run
+    assert (plan.extended_from is not None) == (planned != epochs)
+
+
+def test_a_global_batch_smaller_than_the_gang_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"training\.batchSize: 2 is the global batch .* processes \(4\)"):
+        per_process_batch(2, 4)
+
+
+def test_min_steps_extends_a_tiny_run_and_the_summary_records_it(make_config: Any) -> None:
+    cfg = make_config(training={"epochs": 2, "minSteps": 40, "earlyStopping": {"enabled": False}})
+    sink = Recorder()
+    trainer = Trainer(cfg, SINGLE, sink)
+    trainer.run()
+    # 168 training rows / batch 32 = 6 steps per epoch: 2 epochs are 12 steps, 7 epochs reach 40.
+    assert trainer.steps_per_epoch == 6 and sink.epochs == list(range(1, 8))
+    assert sink.reports[-1].total_epochs == 7
+    summary = json.loads((cfg.run_dir / "training_summary.json").read_text())
+    assert summary["extendedByMinSteps"] is True
+    assert (summary["configuredEpochs"], summary["plannedEpochs"], summary["stepsPerEpoch"]) == (2, 7, 6)
+    assert summary["globalBatchSize"] == 32 and summary["perProcessBatchSize"] == 32
