@@ -23,6 +23,8 @@ chart-crds:
 	cp policies/*.yaml helm/flownexus/policies/
 
 verify: crds lint typecheck  ## regenerate everything generated; fail on any drift, lint or type error
+	$(PYTHON) monitoring/render.py --check
+	$(PYTHON) argocd/render.py --check
 	@git add -N crds policies helm >/dev/null 2>&1 || true
 	@if ! git diff --exit-code --stat -- crds policies helm; then \
 		echo "generated files drifted from the API types: run 'make crds' and commit"; exit 1; fi
@@ -34,6 +36,7 @@ lint:  ## ruff
 typecheck:  ## mypy --strict on the operator, the trainer and the cluster tooling
 	$(PYTHON) -m mypy
 	$(PYTHON) -m mypy --strict dev/localcluster
+	$(PYTHON) -m mypy --strict -p monitoring
 
 test-unit:
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)

@@ -117,6 +117,20 @@ def latency_p99_ms_query(sel: CanarySelector, window: str) -> str:
     return f"histogram_quantile(0.99, sum by (le) {_live_rate(buckets, window, 'Hostname')}) * 1000"
 
 
+def pods_regex(pod_prefix: str) -> str:
+    """An RE2 regex (for a ``=~"..."`` matcher) of the pod names that start with ``pod_prefix``."""
+    return _regex_escape(pod_prefix) + ".+"
+
+
+def render_metric_query(template: str, variables: dict[str, str]) -> str:
+    """A spec.rollout.metrics query with its ``{{variable}}`` placeholders replaced (the API has checked that
+    every placeholder is known; an unknown one is left as it is and Prometheus rejects the query)."""
+    out = template
+    for key, value in variables.items():
+        out = out.replace("{{" + key + "}}", value)
+    return out
+
+
 class PrometheusError(Exception):
     """Prometheus answered, but not with a usable result (bad query, server error)."""
 

@@ -19,6 +19,7 @@ from flownexus.runtime.controller import Controller
 pytestmark = pytest.mark.realapi
 T0 = datetime.now(UTC).replace(microsecond=0)
 PROM = {"spec.prometheusUrl": "http://prometheus.monitoring.svc:9090"}
+CRD = "modeldeployments.flownexus.io"
 
 
 class StubPrometheus:
@@ -159,11 +160,10 @@ def test_the_hpa_owns_stable_replicas_after_creation(harness: Harness) -> None:
         query={"fieldManager": "horizontal-pod-autoscaler"}, body={"spec": {"replicas": 7}},
         content_type="application/merge-patch+json",
     )  # fmt: skip
-    h.patch("ModelDeployment", "digits", {"spec": {"serving": {"batchSize": 8}}})  # rolls the stable template
+    h.patch("ModelDeployment", "digits", {"spec": {"serving": {"batchSize": 8}}})  # a canary; stable re-applied
     h.reconcile("ModelDeployment", "digits")
     stable = h.get("Deployment", "digits-stable")
-    assert stable["spec"]["replicas"] == 7
-    assert stable["metadata"]["generation"] > 1  # it was applied, and replicas survived
+    assert stable["spec"]["replicas"] == 7  # the operator's apply of stable left the HPA's count alone
     assert h.exists("HorizontalPodAutoscaler", "digits-stable")
     # Autoscaling off: the replicas are the spec's, and the HPA goes.
     h.patch("ModelDeployment", "digits", {"spec": {"autoscaling": {"enabled": False}, "serving": {"replicas": 3}}})
@@ -195,6 +195,56 @@ def test_a_good_canary_is_promoted_step_by_step(harness: Harness) -> None:
     assert [e["outcome"] for e in status["history"]] == ["Deployed", "Retired", "Promoted"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
+
+
+def test_a_new_batch_size_starts_a_canary_and_leaves_the_stable_template_alone(harness: Harness) -> None:
+    h = harness
+    serving_v1(h)
+    stable_before = h.get("Deployment", "digits-stable")
+    config_before = h.get("ConfigMap", "digits-serving")["data"]
+    h.patch("ModelDeployment", "digits", {"spec": {"serving": {"batchSize": 8}}})
+    h.reconcile("ModelDeployment", "digits")
+    status = h.get("ModelDeployment", "digits")["status"]
+    assert status["phase"] == "Canary" and status["canary"]["version"] == "1.0.0"
+    assert status["canary"]["templateHash"] != status["stable"]["templateHash"]
+    assert status["canary"]["revision"] == f"1.0.0@{status['canary']['templateHash'][:7]}"
+    stable = h.get("Deployment", "digits-stable")
+    assert stable["spec"]["template"] == stable_before["spec"]["template"]
+    assert stable["metadata"]["generation"] == stable_before["metadata"]["generation"]
+    assert h.get("ConfigMap", "digits-serving")["data"] == config_before
+    canary = h.get("Deployment", "digits-canary")
+    assert canary["spec"]["template"]["metadata"]["labels"]["flownexus.io/version"] == "1.0.0"
+    volumes = {v["name"]: v for v in canary["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["templates"]["configMap"]["name"] == "digits-serving-canary"
+    assert '"batchSize": 8' in h.get("ConfigMap", "digits-serving-canary")["data"]["model-settings.json"]
+    assert '"batchSize": 32' in config_before["model-settings.json"]
+    # kubectl get: the Canary column (status.canary.revision) tells the new template from stable's.
+    crd = h.user.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD}")
+    columns = {c["name"]: c["jsonPath"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["Canary"] == ".status.canary.revision"
+
+
+def test_the_api_server_refuses_unknown_metric_variables_and_repeated_names(harness: Harness) -> None:
+    from flownexus.runtime.client import ApiError, path
+
+    h = harness
+
+    def refused(metrics: list[dict[str, Any]]) -> str:
+        obj = md("1.0.0", "digits", **{"spec.rollout.metrics": metrics})
+        obj = {**obj, "metadata": {**obj["metadata"], "namespace": h.ns}}
+        # Past the operator's own validation (a client that does not know the types): the API server's CEL.
+        with pytest.raises(ApiError) as caught:
+            h.user.request("POST", path("ModelDeployment", h.ns), body=obj, kind="ModelDeployment")
+        assert caught.value.status == 422
+        return str(caught.value)
+
+    bad_query = 'rate(x{pod=~"{{pod}}"}[{{window}}])'
+    assert "unknown template variables {{pod}}" in refused([{"name": "q", "query": bad_query, "max": 1}])
+    assert "set min, max or both" in refused([{"name": "q", "query": "up"}])
+    repeated = refused([{"name": "q", "query": "up", "max": 1}, {"name": "q", "query": "up", "min": 0}])
+    assert "Duplicate value" in repeated and '"q"' in repeated
+    ok = md("1.0.0", "digits", **{"spec.rollout.metrics": [{"name": "q", "query": "x{{pods}}{{window}}", "max": 1}]})
+    h.create(ok)
 
 
 def _crash_after_record(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,7 @@ ALLOWED = {
     "x-kubernetes-validations",
     "x-kubernetes-int-or-string",
     "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
     "x-kubernetes-preserve-unknown-fields",
     "format",
 }

@@ -166,7 +166,7 @@ MODEL_DEPLOYMENT = Kind(
     names=MODEL_DEPLOYMENT_NAMES,
     columns=(
         PrinterColumn("Stable", "string", ".status.stable.version", "Version taking most traffic."),
-        PrinterColumn("Canary", "string", ".status.canary.version", "Version under analysis."),
+        PrinterColumn("Canary", "string", ".status.canary.revision", "Version@template digest under analysis."),
         PrinterColumn("Weight", "integer", ".status.canary.weight", "Canary traffic weight (%)."),
         PrinterColumn("Phase", "string", ".status.phase", "Where the rollout is."),
         PrinterColumn("Paused", "boolean", ".spec.rollout.paused", "spec.rollout.paused holds it.", priority=1),

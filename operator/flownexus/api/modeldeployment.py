@@ -24,6 +24,7 @@ from .common import (
     StatusModel,
     Version,
     Window,
+    cel,
 )
 
 DEFAULT_CANARY_STEPS = [5, 15, 25, 35, 45, 55, 65, 75, 85, 95]
@@ -250,6 +251,80 @@ class AnalysisThresholds(ApiModel):
     window: Window = Field(default="5m", description="PromQL range of each query, e.g. 1m, 5m; longer than 0s.")
 
 
+# ---- custom analysis metrics --------------------------------------------------------------------------
+
+# spec.rollout.metrics[].query is a PromQL template: these {{variables}} are replaced before each query.
+METRIC_VARIABLES = {
+    "namespace": "the ModelDeployment's namespace",
+    "name": "the ModelDeployment's name (also the model name TorchServe serves)",
+    "track": "canary or stable: which track the query is for",
+    "pods": "an RE2 regex matching the track's pod names (TorchServe's Hostname/hostname label, the pod label)",
+    "window": "rollout.thresholds.window, e.g. 5m",
+}
+METRIC_VARIABLE_PATTERN = r"\{\{[^{}]*\}\}"
+METRIC_QUERY_MAX_LENGTH = 2000
+MAX_METRICS = 10
+# CEL: the query with every known variable removed must hold no {{...}} (cheap enough for the cost budget,
+# which findAll over a 2000-character string is not); the message names the first unknown one.
+_WITHOUT_KNOWN = "self.query" + "".join(f".replace('{{{{{v}}}}}', '')" for v in METRIC_VARIABLES)
+_KNOWN_TEXT = ", ".join(f"{{{{{v}}}}}" for v in METRIC_VARIABLES)
+
+
+def unknown_metric_variables(query: str) -> list[str]:
+    """The ``{{...}}`` placeholders of a metric query that are not template variables, in order, once each."""
+    rest = query
+    for v in METRIC_VARIABLES:  # as the API server's rule does: remove the known ones, then look for others
+        rest = rest.replace(f"{{{{{v}}}}}", "")
+    return list(dict.fromkeys(re.findall(METRIC_VARIABLE_PATTERN, rest)))
+
+
+class RolloutMetric(ApiModel):
+    """A custom analysis check: a PromQL template evaluated for the canary at every analysis, like the presets."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        cel("has(self.min) || has(self.max)", "set min, max or both"),
+        cel("!has(self.min) || !has(self.max) || self.min <= self.max", "min must be <= max"),
+        cel(
+            f"!{_WITHOUT_KNOWN}.matches(r'{METRIC_VARIABLE_PATTERN}')",
+            expression=f"'query: unknown template variables ' + {_WITHOUT_KNOWN}.find(r'{METRIC_VARIABLE_PATTERN}')"
+            f" + ' (known: {_KNOWN_TEXT})'",
+            field_path=".query",
+        ),
+    ]
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-zA-Z_][a-zA-Z0-9_-]*$",
+        description="Names the check in status and messages; unique in the list.",
+    )
+    query: str = Field(
+        min_length=1,
+        max_length=METRIC_QUERY_MAX_LENGTH,
+        description="PromQL returning one number, with template variables {{namespace}}, {{name}}, {{track}}, "
+        "{{pods}} (a regex of the track's pod names) and {{window}}, e.g. "
+        'sum(rate(ts_inference_requests_total{model_name="{{name}}",hostname=~"{{pods}}"}[{{window}}])).',
+    )
+    min: float | None = Field(default=None, description="Lowest value that passes.")
+    max: float | None = Field(default=None, description="Highest value that passes.")
+    relative_to_stable: bool = Field(
+        default=False,
+        description="Query canary and stable over the same window and bound canary - stable (the difference).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutMetric:
+        where = f"metric {self.name}"
+        if self.min is None and self.max is None:
+            raise ValueError(f"{where}: set min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"{where}: min {self.min} must be <= max {self.max}")
+        unknown = unknown_metric_variables(self.query)
+        if unknown:
+            raise ValueError(f"{where}: query: unknown template variables {', '.join(unknown)} (known: {_KNOWN_TEXT})")
+        return self
+
+
 ROLLOUT_ACTIONS = ("promote", "abort", "retry")
 ActionId = Annotated[str, Field(min_length=1, max_length=63, pattern=VERSION_PATTERN)]
 
@@ -294,6 +369,14 @@ class RolloutSpec(ApiModel):
         description="How long the canary may go without data (no requests, no series, Prometheus unreachable) "
         "before every further analysis without data counts as a failed check.",
     )
+    metrics: list[RolloutMetric] = Field(
+        default_factory=list,
+        max_length=MAX_METRICS,
+        description="Custom checks next to the error-rate and p99 presets: PromQL templates with min/max bounds, "
+        "optionally relative to stable (docs/MODELDEPLOYMENT.md).",
+        # A map keyed by name: the API server refuses a repeated name itself ("Duplicate value").
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
     paused: bool = Field(
         default=False,
         description="Hold the rollout until unset: a canary keeps its step and weight and is not analysed, and "
@@ -312,6 +395,10 @@ class RolloutSpec(ApiModel):
                 raise ValueError(f"steps: each weight must be in 1..100, got {weight}")
         if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
             raise ValueError(f"steps must be strictly increasing, got {self.steps}")
+        names = [m.name for m in self.metrics]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"metrics: names must be unique, repeated: {', '.join(repeated)}")
         return self
 
 
@@ -335,12 +422,30 @@ class ModelDeploymentSpec(ApiModel):
 ModelDeploymentPhase = Literal["Pending", "Available", "Progressing", "Canary", "Promoting", "RolledBack", "Failed"]
 
 
+class ServingTemplate(StatusModel):
+    """What defines a serving pod besides the model: the track's Deployment is built from this record, so
+    stable keeps its template until a canary with a new one is promoted."""
+
+    server_image: str = Field(description="The NeuralCluster's server image.")
+    pull_policy: str = Field(description="imagePullPolicy.")
+    batch_size: int = Field(description="TorchServe batchSize.")
+    max_batch_delay_ms: int = Field(description="TorchServe maxBatchDelay (ms).")
+    workers_per_model: int = Field(description="Workers per model per pod.")
+    resources: ResourceRequirements = Field(description="Resources per pod (spec.serving or the cluster default).")
+    inference_token_secret: str | None = Field(default=None, description="Bearer-token Secret, if any.")
+
+
 class ServedVersion(StatusModel):
     """One version being served."""
 
     version: str = Field(description="Model version.")
     training_job: str | None = Field(default=None, description="TrainingJob that produced it.")
     archive: str | None = Field(default=None, description="Archive path in the artifact store.")
+    template: ServingTemplate | None = Field(default=None, description="The serving pod template it runs with.")
+    template_hash: str | None = Field(default=None, description="Digest of the template (first 10 hex digits).")
+    revision: str | None = Field(
+        default=None, description="version@templateHash (7 digits): tells apart two templates of one version."
+    )
     replicas: int | None = Field(default=None, description="Desired replicas.")
     ready_replicas: int | None = Field(default=None, description="Replicas with the model loaded.")
 
@@ -363,6 +468,15 @@ class CanaryState(ServedVersion):
     )
 
 
+class MetricValue(StatusModel):
+    """One custom metric of an analysis."""
+
+    name: str = Field(description="spec.rollout.metrics[].name.")
+    value: float | None = Field(default=None, description="What the bounds applied to (canary - stable if relative).")
+    canary: float | None = Field(default=None, description="The canary's value.")
+    stable: float | None = Field(default=None, description="The stable's value (relativeToStable only).")
+
+
 class AnalysisResult(StatusModel):
     """The latest Prometheus analysis of the canary."""
 
@@ -370,6 +484,9 @@ class AnalysisResult(StatusModel):
     outcome: Literal["Passed", "Failed", "NoData"] = Field(description="Passed, Failed or NoData.")
     error_rate: float | None = Field(default=None, description="Canary error rate.")
     latency_p99_ms: float | None = Field(default=None, description="Canary p99 latency (ms).")
+    metrics: list[MetricValue] = Field(
+        default_factory=list, description="Each spec.rollout.metrics check's value (null: no data or rejected)."
+    )
     message: str | None = Field(default=None, description="Which threshold failed, or why there was no data.")
 
 
@@ -379,6 +496,7 @@ class HistoryEntry(StatusModel):
     version: str = Field(description="Model version.")
     training_job: str | None = Field(default=None, description="TrainingJob that produced it.")
     metrics: dict[str, float] | None = Field(default=None, description="Metrics at validation.")
+    template_hash: str | None = Field(default=None, description="Its serving template's digest.")
     outcome: Literal["Deployed", "Promoted", "RolledBack", "Retired"] = Field(description="What happened.")
     at: str = Field(description="When (RFC 3339).")
     reason: str | None = Field(default=None, description="Why.")

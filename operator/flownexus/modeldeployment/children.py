@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ..api.common import duration_seconds
-from ..api.modeldeployment import MONITORING_NAMESPACE, ModelDeploymentSpec, namespace_peer
+from ..api.modeldeployment import MONITORING_NAMESPACE, ModelDeploymentSpec, ServingTemplate, namespace_peer
 from ..api.neuralcluster import NeuralClusterSpec
 from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
 from . import pod
@@ -44,6 +44,8 @@ MD_LABEL = "flownexus.io/modeldeployment"
 TRACK_LABEL = "flownexus.io/track"
 VERSION_LABEL = "flownexus.io/version"
 CONFIG_HASH_ANNOTATION = "flownexus.io/config-hash"
+# On the Deployment itself (not its pod template, so that adding it rolls no pod): the serving template's digest.
+TEMPLATE_HASH_ANNOTATION = "flownexus.io/template-hash"
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,61 @@ def deployment_name(name: str, track: Track) -> str:
     return f"{name}-{track}"
 
 
-def config_map_name(name: str) -> str:
-    return f"{name}-serving"
+def config_map_name(name: str, track: Track = "stable") -> str:
+    """Each track renders its own template: stable's ConfigMap keeps the historical name."""
+    return f"{name}-serving" if track == "stable" else f"{name}-serving-{track}"
+
+
+# ---- the serving template -------------------------------------------------------------------------
+
+
+def serving_template(spec: ModelDeploymentSpec, cluster: NeuralClusterSpec) -> ServingTemplate:
+    """What the pods of a track are made of besides the model: the server image and the TorchServe settings
+    that reach the pod (through its containers or its ConfigMap). Not in it: replicas and autoscaling (the
+    Deployment's size, not its pods), allowedFrom/metricsFrom (the NetworkPolicy), the cluster's placement and
+    artifact claim (infrastructure, applied to both tracks at once)."""
+    serving = spec.serving
+    return ServingTemplate(
+        server_image=cluster.images.server,
+        pull_policy=cluster.images.pull_policy,
+        batch_size=serving.batch_size,
+        max_batch_delay_ms=serving.max_batch_delay_ms,
+        workers_per_model=serving.workers_per_model,
+        resources=(serving.resources or cluster.default_serving_resources).model_copy(deep=True),
+        inference_token_secret=serving.inference_token_secret,
+    )
+
+
+def template_hash(template: ServingTemplate) -> str:
+    """10 hex digits of the template's digest (recorded in status; a change starts a canary)."""
+    wire = template.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def revision(version: str, digest: str | None) -> str:
+    """What `kubectl get` shows for a track: the version, and the template's digest when known."""
+    return f"{version}@{digest[:7]}" if digest else version
+
+
+def with_template(ctx: ServingContext, template: ServingTemplate) -> ServingContext:
+    """The context whose builders render ``template`` (a track's recorded one) instead of the spec's."""
+    serving = ctx.spec.serving.model_copy(
+        update={
+            "batch_size": template.batch_size,
+            "max_batch_delay_ms": template.max_batch_delay_ms,
+            "workers_per_model": template.workers_per_model,
+            "resources": template.resources,
+            "inference_token_secret": template.inference_token_secret,
+        }
+    )
+    images = ctx.cluster.images.model_copy(
+        update={"server": template.server_image, "pull_policy": template.pull_policy}
+    )
+    return replace(
+        ctx,
+        spec=ctx.spec.model_copy(update={"serving": serving}),
+        cluster=ctx.cluster.model_copy(update={"images": images}),
+    )
 
 
 def service_name(name: str) -> str:
@@ -180,7 +235,7 @@ def model_settings(ctx: ServingContext) -> Manifest:
     }
 
 
-def build_config_map(ctx: ServingContext) -> Manifest:
+def build_config_map(ctx: ServingContext, track: Track = "stable") -> Manifest:
     data = {
         "config.properties": config_properties(ctx),
         "model-settings.json": json.dumps(model_settings(ctx), indent=2, sort_keys=True),
@@ -192,7 +247,7 @@ def build_config_map(ctx: ServingContext) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": child_metadata(ctx.owner, config_map_name(ctx.name), "server-config"),
+        "metadata": child_metadata(ctx.owner, config_map_name(ctx.name, track), "server-config"),
         "data": data,
     }
 
@@ -326,11 +381,20 @@ def _prepare_container(ctx: ServingContext, model: ServedModel) -> Manifest:
 
 
 def build_deployment(
-    ctx: ServingContext, track: Track, model: ServedModel, replicas: int | None, config_digest: str
+    ctx: ServingContext,
+    track: Track,
+    model: ServedModel,
+    replicas: int | None,
+    config_digest: str,
+    template_digest: str | None = None,
 ) -> Manifest:
-    """The Deployment of one track. ``replicas=None`` leaves the count to the HPA (omitted from the patch)."""
+    """The Deployment of one track. ``replicas=None`` leaves the count to the HPA (omitted from the patch).
+    ``template_digest`` goes on the Deployment (not its pods): the decision reads it to know which template
+    the Deployment has been given."""
     pod_labels = {**selector_labels(ctx.name, track), VERSION_LABEL: model.version}
     meta = child_metadata(ctx.owner, deployment_name(ctx.name, track), "server", **pod_labels)
+    if template_digest is not None:
+        meta["annotations"] = {**(meta.get("annotations") or {}), TEMPLATE_HASH_ANNOTATION: template_digest}
     annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(METRICS_PORT),
@@ -342,7 +406,7 @@ def build_deployment(
         annotations["flownexus.io/trainingjob"] = model.training_job
     volumes: list[Manifest] = [
         {"name": "artifacts", "persistentVolumeClaim": {"claimName": ctx.artifact_claim, "readOnly": True}},
-        {"name": "templates", "configMap": {"name": config_map_name(ctx.name)}},
+        {"name": "templates", "configMap": {"name": config_map_name(ctx.name, track)}},
         {"name": "model-store", "emptyDir": {}},
         {"name": "conf", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": "run", "emptyDir": {"sizeLimit": "1Gi"}},

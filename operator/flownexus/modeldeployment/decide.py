@@ -20,14 +20,17 @@ from ..api.modeldeployment import (
     CanaryState,
     HandledAction,
     HistoryEntry,
+    MetricValue,
     ModelDeploymentSpec,
     ModelDeploymentStatus,
     RolloutAction,
+    RolloutMetric,
     ServedVersion,
+    ServingTemplate,
 )
 from ..meta import TIME_FORMAT, parse_time, set_condition
 from ..prometheus import NoData, QueryResult, Rejected
-from .children import achieved_weight, canary_replicas, max_replicas
+from .children import achieved_weight, canary_replicas, max_replicas, revision, template_hash
 
 HISTORY_LIMIT = 50  # entries kept in status.history
 ACTION_LIMIT = 20  # handled spec.rollout.action ids kept in status.actions
@@ -88,6 +91,16 @@ class DeploymentView:
     version: str | None  # the flownexus.io/version label of its pod template
     rolled_out: bool  # the controller has finished rolling out the current template
     failure: str | None = None  # ProgressDeadlineExceeded and the like
+    template_hash: str | None = None  # the serving template's digest the Deployment was last given
+
+
+@dataclass(frozen=True)
+class MetricReading:
+    """One spec.rollout.metrics query as Prometheus answered it, for the canary (and stable when relative)."""
+
+    name: str
+    canary: QueryResult | Rejected
+    stable: QueryResult | Rejected | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,7 @@ class Measurement:
 
     error_rate: QueryResult | Rejected
     latency_p99_ms: QueryResult | Rejected
+    metrics: tuple[MetricReading, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,7 @@ class Observed:
     stable: DeploymentView | None = None
     canary: DeploymentView | None = None
     measurement: Measurement | None = None  # present only when analysis_due() said so
+    template: ServingTemplate | None = None  # the serving template the spec asks for (None: not known now)
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,7 @@ class Plan:
     canary_action: CanaryAction = "none"
     events: list[Event] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)  # for the CANARY_DECISIONS metric
+    wanted_hash: str | None = None  # the digest of Observed.template
 
 
 def now_str(now: datetime) -> str:
@@ -196,23 +212,77 @@ def evaluate(spec: ModelDeploymentSpec, m: Measurement, now: datetime) -> Analys
         missing.append(f"p99 latency: {m.latency_p99_ms.reason}")
     elif not math.isfinite(m.latency_p99_ms) or m.latency_p99_ms > limits.max_latency_p99_ms:
         failed.append(f"p99 latency {m.latency_p99_ms:.1f} ms > {limits.max_latency_p99_ms} ms")
+    readings = {r.name: r for r in m.metrics}
+    values: list[MetricValue] = []
+    passed: list[str] = []
+    for metric in spec.rollout.metrics:
+        reading = readings.get(metric.name) or MetricReading(metric.name, NoData("not measured"))
+        value, line, kind = evaluate_metric(metric, reading)
+        values.append(value)
+        {"failed": failed, "missing": missing, "passed": passed}[kind].append(line)
     if failed:  # a measured failure counts even when the other query had no data
         outcome, message = "Failed", "; ".join(failed)
     elif missing:
         outcome, message = "NoData", "; ".join(missing)
     else:
         outcome = "Passed"
-        message = (
-            f"error rate {error_rate:.4f} <= {limits.max_error_rate}, "
-            f"p99 {p99:.1f} ms <= {limits.max_latency_p99_ms} ms"
+        message = ", ".join(
+            [
+                f"error rate {error_rate:.4f} <= {limits.max_error_rate}",
+                f"p99 {p99:.1f} ms <= {limits.max_latency_p99_ms} ms",
+                *passed,
+            ]
         )
     return AnalysisResult(
         time=now_str(now),
         outcome=outcome,
-        error_rate=error_rate if error_rate is None or math.isfinite(error_rate) else None,
-        latency_p99_ms=p99 if p99 is None or math.isfinite(p99) else None,
+        error_rate=_finite(error_rate),
+        latency_p99_ms=_finite(p99),
+        metrics=values,
         message=message,
     )
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
+def _bounds(metric: RolloutMetric) -> str:
+    low = "-inf" if metric.min is None else f"{metric.min:g}"
+    high = "+inf" if metric.max is None else f"{metric.max:g}"
+    return f"[{low}, {high}]"
+
+
+def evaluate_metric(
+    metric: RolloutMetric, reading: MetricReading
+) -> tuple[MetricValue, str, Literal["passed", "failed", "missing"]]:
+    """One custom check: its status value, the line for the message, and whether it passed, failed or had no
+    data. Relative to stable, the bounds apply to canary - stable over the same window."""
+    name = metric.name
+    answers: list[tuple[str, QueryResult | Rejected]] = [("canary", reading.canary)]
+    if metric.relative_to_stable:
+        answers.append(("stable", reading.stable if reading.stable is not None else NoData("not measured")))
+    numbers = {track: a for track, a in answers if isinstance(a, float | int)}
+    value = MetricValue(name=name, canary=_finite(numbers.get("canary")), stable=_finite(numbers.get("stable")))
+    for track, answer in answers:
+        if isinstance(answer, Rejected):
+            return value, f"metric {name} ({track}): {answer.reason}", "failed"
+    gaps = [f"{track}: {a.reason}" for track, a in answers if isinstance(a, NoData)]
+    if gaps:
+        return value, f"metric {name}: " + "; ".join(gaps), "missing"
+    number = numbers["canary"] - numbers["stable"] if metric.relative_to_stable else numbers["canary"]
+    value.value = _finite(number)
+    what = f"metric {name} {number:.4g}"
+    if metric.relative_to_stable:
+        both = f"canary {numbers['canary']:.4g}, stable {numbers['stable']:.4g}"
+        what = f"metric {name} canary - stable = {number:.4g} ({both})"
+    if math.isnan(number):
+        return value, f"{what}: not a number", "missing"
+    if metric.min is not None and number < metric.min:
+        return value, f"{what} < min {metric.min:g}", "failed"
+    if metric.max is not None and number > metric.max:
+        return value, f"{what} > max {metric.max:g}", "failed"
+    return value, f"{what} in {_bounds(metric)}", "passed"
 
 
 # ---- the decision -----------------------------------------------------------------------------------
@@ -223,6 +293,8 @@ def decide(spec: ModelDeploymentSpec, status: ModelDeploymentStatus, obs: Observ
     plan = Plan(status=status.model_copy(deep=True))
     st = plan.status
     st.observed_generation = generation
+    plan.wanted_hash = template_hash(obs.template) if obs.template is not None else None
+    _adopt_template(plan, obs)
     _record_replicas(plan, obs)
 
     if obs.cluster_problem:
@@ -270,8 +342,15 @@ def _first_version(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generat
         reason = "ModelNotServable" if obs.source_final else "WaitingForModel"
         _phase(plan, spec, phase.value, reason, obs.source_problem, generation)
         return plan
-    st.stable = ServedVersion(version=src.version, training_job=src.training_job, archive=src.archive)
-    _history(st, src.version, src.training_job, src.metrics, "Deployed", obs.now, "first version")
+    st.stable = ServedVersion(
+        version=src.version,
+        training_job=src.training_job,
+        archive=src.archive,
+        template=obs.template.model_copy(deep=True) if obs.template is not None else None,
+        template_hash=plan.wanted_hash,
+        revision=revision(src.version, plan.wanted_hash),
+    )
+    _history(st, src.version, src.training_job, src.metrics, "Deployed", obs.now, "first version", plan.wanted_hash)
     plan.decisions.append("deploy")
     _phase(plan, spec, Phase.PROGRESSING.value, "Deploying", f"deploying version {src.version} as stable", generation)
     return plan
@@ -285,17 +364,23 @@ def _serving(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: i
         plan.canary_action = "delete"  # a canary left from a rollback or an abort has no reason to stay
     ready = _stable_ready(obs)
     wanted = spec.model.version
-    if wanted == st.stable.version:
+    if _wants(st.stable, spec, plan, obs):
         if ready or _still_serving(st, obs):
             _phase(plan, spec, Phase.AVAILABLE.value, "Available", f"version {wanted} serves all traffic", generation)
         else:
             _phase(plan, spec, Phase.PROGRESSING.value, "RollingOut", _rollout_message(obs, wanted), generation)
         return plan
-    if obs.source is None:
+    src = obs.source
+    if src is None and wanted == st.stable.version and st.stable.archive is not None:
+        # Only the serving template changed: the canary serves stable's own archive with the new template.
+        src = Source(version=wanted, archive=st.stable.archive, training_job=st.stable.training_job)
+    if src is None:
         problem = f"version {st.stable.version} keeps serving; version {wanted} is not servable: {obs.source_problem}"
         phase = Phase.AVAILABLE if ready else Phase.PROGRESSING
         _phase(plan, spec, phase.value, "WaitingForModel", problem, generation)
         return plan
+    if wanted == st.stable.version:
+        wanted = f"{revision(wanted, plan.wanted_hash)} (a new serving template)"
     if not ready:
         _phase(plan, spec, Phase.PROGRESSING.value, "RollingOut", _rollout_message(obs, st.stable.version), generation)
         return plan
@@ -313,7 +398,7 @@ def _serving(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: i
         )
         _phase(plan, spec, Phase.AVAILABLE.value, PAUSED, message, generation)
         return plan
-    return _start_canary(spec, plan, obs, obs.source, generation)
+    return _start_canary(spec, plan, obs, src, generation)
 
 
 def _start_canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, src: Source, generation: int | None) -> Plan:
@@ -324,6 +409,9 @@ def _start_canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, src: Sou
         version=src.version,
         training_job=src.training_job,
         archive=src.archive,
+        template=obs.template.model_copy(deep=True) if obs.template is not None else None,
+        template_hash=plan.wanted_hash,
+        revision=revision(src.version, plan.wanted_hash),
         weight=weight,
         step=0,
         failed_checks=0,
@@ -334,7 +422,7 @@ def _start_canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, src: Sou
     plan.canary_action = "ensure"
     plan.route = "both"
     plan.decisions.append("start")
-    message = f"canary {src.version} started at {weight}% next to stable {st.stable.version}"
+    message = f"canary {_rev(st.canary)} started at {weight}% next to stable {_rev(st.stable)}"
     _phase(plan, spec, Phase.CANARY.value, "CanaryStarted", message, generation)
     return plan
 
@@ -345,7 +433,7 @@ def _canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: in
     canary, stable = st.canary, st.stable
     if canary is None or stable is None:  # status edited by hand: fall back to plain serving
         return _serving(spec, plan, obs, generation)
-    if spec.model.version != canary.version:
+    if not _wants(canary, spec, plan, obs):
         return _abort(spec, plan, obs, generation)
     if obs.canary is not None and obs.canary.failure:
         why = f"the canary Deployment did not become ready: {obs.canary.failure}"
@@ -428,7 +516,14 @@ def _promote(
     canary, old = st.canary, st.stable
     assert canary is not None and old is not None
     canary.step_started_at = now_str(obs.now)
-    st.stable = ServedVersion(version=canary.version, training_job=canary.training_job, archive=canary.archive)
+    st.stable = ServedVersion(
+        version=canary.version,
+        training_job=canary.training_job,
+        archive=canary.archive,
+        template=canary.template,
+        template_hash=canary.template_hash,
+        revision=canary.revision,
+    )
     _history(
         st,
         old.version,
@@ -436,23 +531,16 @@ def _promote(
         _metrics_of(st, old.version),
         "Retired",
         obs.now,
-        f"replaced by {canary.version}",
+        f"replaced by {_rev(canary)}",
+        old.template_hash,
     )
     metrics = obs.source.metrics if obs.source and obs.source.version == canary.version else None
-    _history(
-        st,
-        canary.version,
-        canary.training_job,
-        metrics,
-        "Promoted",
-        obs.now,
-        why,
-    )
+    _history(st, canary.version, canary.training_job, metrics, "Promoted", obs.now, why, canary.template_hash)
     canary.paused_at = None
     plan.canary_action = "ensure"
     plan.route = "both"
     plan.decisions.append("promote")
-    message = f"canary {canary.version} {summary}; stable switches from {old.version} to {canary.version}"
+    message = f"canary {_rev(canary)} {summary}; stable switches from {_rev(old)} to {_rev(canary)}"
     _phase(plan, spec, Phase.PROMOTING.value, "Promoting", message, generation)
     return plan
 
@@ -462,7 +550,12 @@ def _promoting(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation:
     st = plan.status
     assert st.stable is not None
     version = st.stable.version
-    if not (_stable_ready(obs) and obs.stable is not None and obs.stable.version == version):
+    # The stable Deployment must run the promoted version and have been given the promoted template (the
+    # digest on the Deployment comes with the spec change, so a cache that shows it also shows the rollout).
+    given = st.stable.template_hash is None or (
+        obs.stable is not None and obs.stable.template_hash == st.stable.template_hash
+    )
+    if not (_stable_ready(obs) and obs.stable is not None and obs.stable.version == version and given):
         plan.canary_action = "ensure" if st.canary is not None else "none"
         plan.route = "both" if st.canary is not None else "stable"
         _phase(plan, spec, Phase.PROMOTING.value, "Promoting", _rollout_message(obs, version), generation)
@@ -483,11 +576,11 @@ def _rollback(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, why: str, ge
     canary, stable = st.canary, st.stable
     assert canary is not None and stable is not None
     plan.route = "stable"
-    message = f"canary {canary.version} rolled back, stable {stable.version} serves all traffic: {why}"
+    message = f"canary {_rev(canary)} rolled back, stable {_rev(stable)} serves all traffic: {why}"
     plan.events.append(Event("Warning", "RolledBack", message))
     plan.canary_action = "scale_to_zero"
     metrics = obs.source.metrics if obs.source and obs.source.version == canary.version else None
-    _history(st, canary.version, canary.training_job, metrics, "RolledBack", obs.now, why)
+    _history(st, canary.version, canary.training_job, metrics, "RolledBack", obs.now, why, canary.template_hash)
     st.canary = None
     plan.decisions.append("rollback")
     _phase(plan, spec, Phase.ROLLED_BACK.value, "RolledBack", message, generation)
@@ -500,13 +593,18 @@ def _abort(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: int
     canary, stable = st.canary, st.stable
     assert canary is not None and stable is not None
     wanted = spec.model.version
-    why = f"spec.model.version changed to {wanted} during the analysis"
-    _history(st, canary.version, canary.training_job, None, "RolledBack", obs.now, why)
+    if wanted != canary.version:
+        why = f"spec.model.version changed to {wanted} during the analysis"
+    elif plan.wanted_hash is not None and canary.template_hash not in (None, plan.wanted_hash):
+        why = f"the serving template changed to {plan.wanted_hash} during the analysis"
+    else:
+        why = "the model archive changed during the analysis"
+    _history(st, canary.version, canary.training_job, None, "RolledBack", obs.now, why, canary.template_hash)
     st.canary = None
     plan.route = "stable"
     plan.canary_action = "delete"
     plan.decisions.append("abort")
-    message = f"canary {canary.version} withdrawn: {why}; stable {stable.version} serves all traffic"
+    message = f"canary {_rev(canary)} withdrawn: {why}; stable {_rev(stable)} serves all traffic"
     _phase(plan, spec, Phase.AVAILABLE.value, "CanaryAborted", message, generation)
     return plan
 
@@ -515,7 +613,7 @@ def _rolled_back(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generatio
     """RolledBack stays until spec.model.version names another version (stable's, or a new canary)."""
     st = plan.status
     failed = _rolled_back_version(st)
-    if spec.model.version == failed:
+    if _is_rolled_back(st, spec, plan):
         plan.canary_action = "scale_to_zero" if obs.canary is not None and obs.canary.replicas else "none"
         plan.route = "stable"
         _phase(
@@ -548,12 +646,16 @@ def _manual(
         why_not = f"no canary under analysis (phase {phase})"
     elif action.name in ("promote", "abort") and canary is not None and spec.model.version != canary.version:
         why_not = f"spec.model.version {spec.model.version} is not the canary's {canary.version}"
+    elif action.name in ("promote", "abort") and canary is not None and not _wants(canary, spec, plan, obs):
+        why_not = f"the spec's serving template {plan.wanted_hash} is not the canary's {canary.template_hash}"
     elif action.name == "retry":
         failed = _rolled_back_version(st)
         if phase != Phase.ROLLED_BACK.value or stable is None:
             why_not = f"retry applies to a RolledBack deployment (phase {phase})"
         elif spec.model.version != failed:
             why_not = f"spec.model.version {spec.model.version} is not the rolled-back {failed}: it rolls out anyway"
+        elif not _is_rolled_back(st, spec, plan):
+            why_not = f"the spec's serving template {plan.wanted_hash} is not the rolled-back one: it rolls out anyway"
     if why_not:
         _record_action(st, action, obs.now, "Ignored", why_not)
         plan.events.append(Event("Warning", "ActionIgnored", f"{by} ignored: {why_not}"))
@@ -590,6 +692,46 @@ def _record_action(
 
 def _rolled_back_version(st: ModelDeploymentStatus) -> str | None:
     return next((h.version for h in reversed(st.history) if h.outcome == "RolledBack"), None)
+
+
+def _is_rolled_back(st: ModelDeploymentStatus, spec: ModelDeploymentSpec, plan: Plan) -> bool:
+    """Whether the spec asks for what was rolled back last: its version, and its template when both are known
+    (a rollback recorded before templates were, matches on the version alone)."""
+    entry = next((h for h in reversed(st.history) if h.outcome == "RolledBack"), None)
+    if entry is None or entry.version != spec.model.version:
+        return False
+    return entry.template_hash is None or plan.wanted_hash is None or entry.template_hash == plan.wanted_hash
+
+
+# ---- the serving template ---------------------------------------------------------------------------
+
+
+def _adopt_template(plan: Plan, obs: Observed) -> None:
+    """A status written before templates were recorded (an operator upgrade): stable and canary adopt the
+    spec's current template, which their Deployments were built from, so the upgrade starts no canary."""
+    st = plan.status
+    if obs.template is None:
+        return
+    for served in (st.stable, st.canary):
+        if served is not None and served.template_hash is None:
+            served.template = obs.template.model_copy(deep=True)
+            served.template_hash = plan.wanted_hash
+            served.revision = revision(served.version, plan.wanted_hash)
+
+
+def _wants(served: ServedVersion, spec: ModelDeploymentSpec, plan: Plan, obs: Observed) -> bool:
+    """Whether the spec asks for ``served``: its version, its archive (when the spec's resolves) and its
+    serving template (when both digests are known). Any difference is a new canary."""
+    if served.version != spec.model.version:
+        return False
+    src = obs.source
+    if src is not None and src.version == served.version and served.archive not in (None, src.archive):
+        return False
+    return plan.wanted_hash is None or served.template_hash in (None, plan.wanted_hash)
+
+
+def _rev(served: ServedVersion) -> str:
+    return served.revision or served.version
 
 
 def _paused_condition(spec: ModelDeploymentSpec, plan: Plan, generation: int | None) -> None:
@@ -672,9 +814,16 @@ def _history(
     outcome: Literal["Deployed", "Promoted", "RolledBack", "Retired"],
     now: datetime,
     reason: str,
+    template_digest: str | None = None,
 ) -> None:
     entry = HistoryEntry(
-        version=version, training_job=training_job, metrics=metrics, outcome=outcome, at=now_str(now), reason=reason
+        version=version,
+        training_job=training_job,
+        metrics=metrics,
+        template_hash=template_digest,
+        outcome=outcome,
+        at=now_str(now),
+        reason=reason,
     )
     st.history = [*st.history, entry][-HISTORY_LIMIT:]
 
@@ -689,7 +838,12 @@ def _phase(
         plan.events.append(Event(kind, reason, message))
     st.phase = phase  # type: ignore[assignment]
     st.reason, st.message = reason, message
-    serving_wanted = st.stable is not None and st.stable.version == spec.model.version and st.canary is None
+    serving_wanted = (
+        st.stable is not None
+        and st.stable.version == spec.model.version
+        and (plan.wanted_hash is None or st.stable.template_hash in (None, plan.wanted_hash))
+        and st.canary is None
+    )
     ready = phase == Phase.AVAILABLE.value and serving_wanted
     progressing = phase in ACTIVE_PHASES or (phase == Phase.AVAILABLE.value and not serving_wanted)
     degraded = phase in (Phase.ROLLED_BACK.value, Phase.FAILED.value)

@@ -31,11 +31,14 @@ from ..prometheus import (
     Rejected,
     error_rate_query,
     latency_p99_ms_query,
+    pods_regex,
+    render_metric_query,
 )
 from ..runtime.cache import Cache, controller_uid
 from ..runtime.controller import Action, Apply, Delete, Emit, Outcome, Patch, parse_spec
 from .children import (
     ARTIFACT_ROOT,
+    TEMPLATE_HASH_ANNOTATION,
     VERSION_LABEL,
     ServedModel,
     ServingContext,
@@ -49,10 +52,13 @@ from .children import (
     deployment_name,
     endpoint,
     pod_prefix,
+    serving_template,
+    with_template,
 )
 from .decide import (
     DeploymentView,
     Measurement,
+    MetricReading,
     Observed,
     Plan,
     Source,
@@ -91,7 +97,12 @@ def deployment_view(dep: Manifest | None) -> DeploymentView | None:
             failure = cond.get("message") or "ProgressDeadlineExceeded"
     labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
     return DeploymentView(
-        replicas=replicas, ready=ready, version=labels.get(VERSION_LABEL), rolled_out=rolled_out, failure=failure
+        replicas=replicas,
+        ready=ready,
+        version=labels.get(VERSION_LABEL),
+        rolled_out=rolled_out,
+        failure=failure,
+        template_hash=(dep["metadata"].get("annotations") or {}).get(TEMPLATE_HASH_ANNOTATION),
     )
 
 
@@ -170,11 +181,25 @@ def canary_selector(ctx: ServingContext, source: Source | None, canary_version: 
     )
 
 
+def metric_variables(ctx: ServingContext, track: Literal["stable", "canary"]) -> dict[str, str]:
+    """The values of a spec.rollout.metrics query's template variables for one track."""
+    return {
+        "namespace": ctx.namespace,
+        "name": ctx.name,
+        "track": track,
+        "pods": pods_regex(pod_prefix(ctx.name, track)),
+        "window": ctx.spec.rollout.thresholds.window,
+    }
+
+
 def measure(provider: MetricsProvider | None, ctx: ServingContext, sel: CanarySelector) -> Measurement:
-    """Error rate and p99 of the canary over the window; every failure to measure is NoData with why."""
+    """Error rate and p99 of the canary over the window, and each spec.rollout.metrics query (for stable too
+    when relative); every failure to measure is NoData with why, a query Prometheus refuses is Rejected."""
+    metrics = ctx.spec.rollout.metrics
     if provider is None:
         missing = NoData("the NeuralCluster sets no prometheusUrl")
-        return Measurement(error_rate=missing, latency_p99_ms=missing)
+        readings = tuple(MetricReading(m.name, missing, missing if m.relative_to_stable else None) for m in metrics)
+        return Measurement(error_rate=missing, latency_p99_ms=missing, metrics=readings)
     window = ctx.spec.rollout.thresholds.window
 
     def run(promql: str) -> QueryResult | Rejected:
@@ -183,8 +208,19 @@ def measure(provider: MetricsProvider | None, ctx: ServingContext, sel: CanarySe
         except PrometheusError as exc:
             return Rejected(f"{exc} (query: {promql})")
 
+    canary_vars, stable_vars = metric_variables(ctx, "canary"), metric_variables(ctx, "stable")
+    readings = tuple(
+        MetricReading(
+            m.name,
+            run(render_metric_query(m.query, canary_vars)),
+            run(render_metric_query(m.query, stable_vars)) if m.relative_to_stable else None,
+        )
+        for m in metrics
+    )
     return Measurement(
-        error_rate=run(error_rate_query(sel, window)), latency_p99_ms=run(latency_p99_ms_query(sel, window))
+        error_rate=run(error_rate_query(sel, window)),
+        latency_p99_ms=run(latency_p99_ms_query(sel, window)),
+        metrics=readings,
     )
 
 
@@ -197,8 +233,10 @@ def actions(ctx: ServingContext, plan: Plan, obs: Observed) -> list[Action]:
     out: list[Action] = []
     canary_name = deployment_name(name, "canary")
     if st.stable is not None and st.stable.archive is not None:
-        # Nothing to scale, guard or expose before there is a model to serve.
-        config_map = build_config_map(ctx)
+        # Nothing to scale, guard or expose before there is a model to serve. Each track's pods are built
+        # from the template recorded in its status (stable keeps its own until a canary is promoted).
+        stable_ctx = with_template(ctx, st.stable.template) if st.stable.template is not None else ctx
+        config_map = build_config_map(stable_ctx)
         digest = config_hash(config_map)
         out.append(Apply(config_map))
         hpa = build_hpa(ctx)
@@ -208,15 +246,24 @@ def actions(ctx: ServingContext, plan: Plan, obs: Observed) -> list[Action]:
         out += [Apply(build_pdb(ctx)), Apply(build_network_policy(ctx))]
         model = ServedModel(st.stable.version, st.stable.archive, st.stable.training_job)
         auto = ctx.spec.autoscaling
+        stable_hash = st.stable.template_hash
         if auto.enabled:
             # Never fight the HPA: replicas are set once, at creation, by another field manager.
-            stable = build_deployment(ctx, "stable", model, None, digest)
+            stable = build_deployment(stable_ctx, "stable", model, None, digest, stable_hash)
             out.append(Apply(stable, initial={"spec": {"replicas": auto.min_replicas}}))
         else:
-            out.append(Apply(build_deployment(ctx, "stable", model, ctx.spec.serving.replicas, digest)))
+            replicas = ctx.spec.serving.replicas
+            out.append(Apply(build_deployment(stable_ctx, "stable", model, replicas, digest, stable_hash)))
         if plan.canary_action == "ensure" and st.canary is not None and st.canary.archive is not None:
             canary = ServedModel(st.canary.version, st.canary.archive, st.canary.training_job)
-            out.append(Apply(build_deployment(ctx, "canary", canary, st.canary.replicas or 0, digest)))
+            canary_ctx = with_template(ctx, st.canary.template) if st.canary.template is not None else ctx
+            canary_config = build_config_map(canary_ctx, "canary")
+            out.append(Apply(canary_config))
+            replicas = st.canary.replicas or 0
+            canary_dep = build_deployment(
+                canary_ctx, "canary", canary, replicas, config_hash(canary_config), st.canary.template_hash
+            )
+            out.append(Apply(canary_dep))
         out.append(Apply(build_service(ctx, plan.route == "both")))
     out += [Emit(e.type, e.reason, e.message) for e in plan.events]
     if plan.canary_action == "scale_to_zero" and obs.canary is not None and obs.canary.replicas:
@@ -282,6 +329,7 @@ class ModelDeploymentReconciler:
             stable=self._deployment(obj, "stable"),
             canary=self._deployment(obj, "canary"),
             measurement=measurement,
+            template=serving_template(spec, ctx.cluster) if ctx is not None else None,
         )
         plan = decide(spec, status, observed, generation)
         if ctx is not None and plan.status.stable is not None:
