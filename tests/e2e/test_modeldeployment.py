@@ -18,8 +18,10 @@ Run them with `-s` to see the `[figure]` lines (time to promote, time to roll ba
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -35,7 +37,8 @@ import pytest
 import yaml
 
 from flownexus.modeldeployment.children import canary_replicas
-from tests.e2e.conftest import SERVER_TAG, Cluster, _free_port, create_namespace, wait_until
+from tests.e2e.conftest import REPO, SERVER_TAG, Cluster, _free_port, create_namespace, wait_until
+from tests.e2e.monitoring_check import queries_without_data, skipped_queries
 from tests.e2e.test_trainingjob import artifact_dir, example
 from tests.integration.trainer.procs import run_torchrun, run_validator, write_job_config
 from tests.prereq import missing
@@ -82,7 +85,7 @@ def scrape_targets(cluster: Cluster) -> list[dict[str, Any]] | None:
 
 
 @pytest.fixture(scope="session")
-def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus(cluster: Cluster, operator: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus on the host scraping every pod annotated `prometheus.io/scrape=true`; yields its URL.
 
     Debian's prometheus 2.42 is built without Kubernetes service discovery ("field kubernetes_sd_configs not
@@ -104,7 +107,13 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
                 "scrape_interval": f"{SCRAPE_S}s",
                 "scrape_timeout": f"{SCRAPE_S}s",
                 "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "5s"}],
-            }
+            },
+            # The operator's own metrics (its dashboard and alerts read them).
+            {
+                "job_name": "flownexus-operator",
+                "scrape_interval": f"{SCRAPE_S}s",
+                "static_configs": [{"targets": [f"127.0.0.1:{operator}"]}],
+            },
         ],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -641,6 +650,73 @@ def test_bad_canary_is_rolled_back_in_time_and_stable_never_fails(serving: Servi
     # Back to the stable version: Available again, with no new rollout.
     serving.set_model("2.0.0")
     serving.wait("Available at 2.0.0 again", available_at("2.0.0"), timeout=60)
+
+
+def plugin(serving: Serving, *args: str) -> subprocess.CompletedProcess[str]:
+    """`kubectl flownexus ...` (the package's console script, run as its module) against the e2e cluster."""
+    return subprocess.run(
+        [sys.executable, "-m", "flownexus.cli", "--kubeconfig", str(serving.cluster.kubeconfig),
+         "-n", serving.namespace, *args],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), os.environ.get("PYTHONPATH", "")])},
+    )  # fmt: skip
+
+
+def patch_md(serving: Serving, body: dict[str, Any]) -> None:
+    serving.cluster.kubectl("-n", serving.namespace, "patch", "mdep", MD, "--type=merge", "-p", json.dumps(body))
+
+
+def test_a_serving_template_change_is_a_canary_a_failing_custom_metric_rolls_back_and_the_plugin_retries_and_promotes(
+    serving: Serving,
+) -> None:
+    serving.wait("Available at 2.0.0", available_at("2.0.0"), timeout=60)
+    before = serving.status()["stable"]["templateHash"]
+    stable_generation = serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")["metadata"]["generation"]
+    url = f"{serving.service_url()}/predictions/{MD}"
+    requests = (
+        'sum(rate(ts_inference_requests_total{model_name="{{name}}",hostname=~"{{pods}}"}[{{window}}]))'
+    )
+    with Load(url, threads=2, pause_s=0.1, max_seconds=3 * ROLLOUT_TIMEOUT_S):
+        # Not a new model: new batching. A check that no canary with traffic can pass (requests/s <= 0).
+        check = {"name": "requests", "query": requests, "max": 0}
+        patch_md(serving, {"spec": {"serving": {"batchSize": 4}, "rollout": {"metrics": [check]}}})
+        serving.wait("the template canary", lambda st: st.get("phase") == "Canary")
+        st = serving.status()
+        assert st["canary"]["version"] == "2.0.0" and st["canary"]["templateHash"] != before, st["canary"]
+        serving.wait("the rollback by the custom metric", lambda st: st.get("phase") == "RolledBack")
+        st = serving.status()
+        assert any(m["name"] == "requests" and (m.get("value") or 0) > 0 for m in st["lastAnalysis"]["metrics"]), st
+        (event,) = serving.events("RolledBack")[-1:]
+        assert "metric requests" in event["message"], event
+        # The stable pods never changed: same template, same Deployment generation.
+        assert serving.status()["stable"]["templateHash"] == before
+        stable = serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")
+        assert stable["metadata"]["generation"] == stable_generation
+
+        # Through the plugin: drop the check, retry the same template, promote it without waiting for the steps.
+        patch_md(serving, {"spec": {"rollout": {"metrics": None}}})
+        retried = plugin(serving, "retry", MD)
+        assert retried.returncode == 0, retried.stderr
+        serving.wait("the retried canary", lambda st: st.get("phase") == "Canary")
+        promoted = plugin(serving, "promote", MD)
+        assert promoted.returncode == 0, promoted.stderr
+        serving.wait("promotion of the new template", lambda st: bool(available_at("2.0.0")(st)))
+    st = serving.status()
+    assert st["stable"]["templateHash"] != before
+    assert [a["name"] for a in st["actions"]][-2:] == ["retry", "promote"], st["actions"]
+    assert all(a["result"] == "Applied" for a in st["actions"][-2:]), st["actions"]
+    history = plugin(serving, "history", MD)
+    assert history.returncode == 0 and "RolledBack" in history.stdout, history.stdout
+
+    # The first five minutes: a prediction through the Service, as `make demo` ends.
+    predicted = plugin(serving, "predict", MD, "-f", str(REPO / "examples" / "predict-digits.json"))
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["predictions"][0]["label"] == "0", predicted.stdout
+
+    # Every dashboard query returns data after this traffic (those that may be empty are listed and skipped).
+    for where, reason in skipped_queries():
+        print(f"[skip] {where}: {reason}")
+    assert queries_without_data(serving.prometheus, serving.namespace, MD) == []
 
 
 def test_argo_cd_health_check_reads_healthy_at_the_end(serving: Serving) -> None:
