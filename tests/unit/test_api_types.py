@@ -348,3 +348,16 @@ def test_a_global_batch_smaller_than_the_process_count_is_refused_naming_batch_s
         TrainingJobSpec.model_validate(spec)
     spec["training"] = {"batchSize": 4}
     TrainingJobSpec.model_validate(spec)
+
+
+def test_cross_validation_with_a_temporal_split_is_refused() -> None:
+    spec: dict[str, Any] = {
+        "clusterRef": {"name": "demo"},
+        "model": {"architecture": "mlp"},
+        "dataset": {"source": "synthetic", "split": "temporal"},
+        "validation": {"crossValidation": {"folds": 3}},
+    }
+    with pytest.raises(ValidationError, match=r"crossValidation shuffles rows into folds"):
+        TrainingJobSpec.model_validate(spec)
+    spec["dataset"]["split"] = "random"
+    TrainingJobSpec.model_validate(spec)

@@ -236,6 +236,27 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class CrossValidationConfig:
+    """validation.crossValidation: k stratified folds of the training+validation rows (crossval.py)."""
+
+    folds: int
+    max_std: float = 0.1
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: str) -> CrossValidationConfig:
+        folds = raw.get("folds")
+        if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= 10:
+            raise ConfigError(f"{path}.folds: must be an integer from 2 to 10, got {folds!r}")
+        max_std = float(_get(raw, "maxStd", 0.1, float, path))
+        if not 0.0 <= max_std <= 1.0:
+            raise ConfigError(f"{path}.maxStd: must be between 0 and 1, got {max_std!r}")
+        return cls(folds=folds, max_std=max_std)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folds": self.folds, "maxStd": self.max_std}
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     min_accuracy: float | None = 0.85
     max_latency_p95_ms: float | None = 100.0
@@ -252,6 +273,7 @@ class ValidationConfig:
     decide_on: str = "estimate"  # estimate | lowerBound (of the 95 % Wilson interval of test accuracy)
     champion_model_deployment: str | None = None
     champion_tolerance: float = 0.0
+    cross_validation: CrossValidationConfig | None = None  # off when unset
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: str = "validation") -> ValidationConfig:
@@ -282,6 +304,11 @@ class ValidationConfig:
             decide_on=_choice(raw, "decideOn", "estimate", ("estimate", "lowerBound"), path),
             champion_model_deployment=champion_name,
             champion_tolerance=tolerance,
+            cross_validation=(
+                CrossValidationConfig.from_dict(_section(raw, "crossValidation", path), f"{path}.crossValidation")
+                if raw.get("crossValidation") is not None
+                else None
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -301,6 +328,7 @@ class ValidationConfig:
                 if self.champion_model_deployment is None
                 else {"modelDeployment": self.champion_model_deployment, "tolerance": self.champion_tolerance}
             ),
+            "crossValidation": None if self.cross_validation is None else self.cross_validation.to_dict(),
         }
 
 

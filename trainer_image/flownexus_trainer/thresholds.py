@@ -51,6 +51,29 @@ class ChampionScore:
 
 
 @dataclass(frozen=True)
+class CrossValScores:
+    """validation.crossValidation: the primary metric of k models, each scored on its held-out fold
+    (crossval.py), and the trivial baseline's mean over the same folds."""
+
+    scores: tuple[float, ...]
+    mean: float
+    std: float
+    min: float
+    baseline_trivial: float
+    max_std: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "folds": len(self.scores),
+            "scores": [round(v, 6) for v in self.scores],
+            "mean": round(self.mean, 6),
+            "std": round(self.std, 6),
+            "min": round(self.min, 6),
+            "baselineTrivial": round(self.baseline_trivial, 6),
+        }
+
+
+@dataclass(frozen=True)
 class Measured:
     """What the validator measured on the final model.
 
@@ -74,6 +97,7 @@ class Measured:
     baseline_linear: float | None = None
     classes_without_test_rows: tuple[str, ...] = ()
     champion: ChampionScore | None = None
+    cross_validation: CrossValScores | None = None
 
     @property
     def primary(self) -> float | None:
@@ -179,6 +203,26 @@ def _champion(cfg: ValidationConfig, m: Measured, label: str) -> ThresholdResult
     )  # fmt: skip
 
 
+def _cross_validation(cfg: ValidationConfig, m: Measured, label: str) -> ThresholdResult:
+    """The fold scores must not vary more than maxStd, and their mean must be minMarginOverTrivial (0 when
+    that is off) above the trivial baseline's mean over the same folds."""
+    cv, limit = m.cross_validation, cfg.cross_validation
+    assert limit is not None
+    if cv is None or _missing(cv.mean):
+        return ThresholdResult("crossValidation", None, limit.max_std, False, "crossValidation: was not measured")
+    margin = cfg.min_margin_over_trivial if cfg.min_margin_over_trivial is not None else 0.0
+    summary = f"crossValidation: {label} {cv.mean:.3f} ± {cv.std:.3f} over {len(cv.scores)} folds (min {cv.min:.3f})"
+    problems = []
+    if round(cv.std - limit.max_std, 9) > 0:
+        problems.append(f"the folds vary more than maxStd {limit.max_std:g}")
+    if round(cv.mean - cv.baseline_trivial, 9) < margin:
+        problems.append(
+            f"the mean is not {margin:g} above the {TRIVIAL_NAME[m.task]} baseline's {cv.baseline_trivial:.3f}"
+        )
+    verdict = "; ".join(problems) if problems else f"std <= {limit.max_std:g}, mean above the trivial baseline"
+    return ThresholdResult("crossValidation", round(cv.mean, 6), limit.max_std, not problems, f"{summary}: {verdict}")
+
+
 def evaluate_thresholds(cfg: ValidationConfig, measured: Measured) -> list[ThresholdResult]:
     """Every configured threshold that applies to the task, passed or not (null ones are off)."""
     m = measured
@@ -244,6 +288,8 @@ def evaluate_thresholds(cfg: ValidationConfig, measured: Measured) -> list[Thres
         )
     if cfg.champion_model_deployment is not None:
         results.append(_champion(cfg, m, label))
+    if cfg.cross_validation is not None:
+        results.append(_cross_validation(cfg, m, label))
     return results
 
 

@@ -176,11 +176,14 @@ def evaluate(
 class Trainer:
     """One training run on one rank; rank 0 also reports, checkpoints and writes the model."""
 
-    def __init__(self, cfg: JobConfig, ctx: DistContext, sink: ProgressSink | None = None) -> None:
+    def __init__(
+        self, cfg: JobConfig, ctx: DistContext, sink: ProgressSink | None = None, splits: Splits | None = None
+    ) -> None:
         self.cfg, self.ctx, self.tcfg = cfg, ctx, cfg.training
         self.sink = sink
         self.ckpt_dir = cfg.run_dir / "checkpoints"
-        self.splits: Splits = load_splits(cfg.dataset, cfg.artifact_root)
+        # ``splits``: train on these arrays instead of loading the dataset (crossval.py's folds).
+        self.splits: Splits = load_splits(cfg.dataset, cfg.artifact_root) if splits is None else splits
         self.task = self.splits.task
         self.amp = self.tcfg.mixed_precision and ctx.device.type == "cuda"
         if self.tcfg.mixed_precision and not self.amp:

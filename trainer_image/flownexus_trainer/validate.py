@@ -29,7 +29,9 @@ from torch import nn
 from . import quality
 from .checkpoint import atomic_write_bytes
 from .config import JobConfig, load_config
+from .crossval import cross_validate
 from .data import Normalization, Splits, load_splits
+from .distributed import DistContext
 from .errors import TERMINATION_LOG, failure_summary, write_termination_message
 from .export import SCHEMA_FILE, ModelSignature, Preprocessing, build_mar, export_failures, run_exports
 from .models import build_model
@@ -37,6 +39,7 @@ from .report import plot_curves, render_report
 from .served_latency import withdraw_exports
 from .thresholds import (
     ChampionScore,
+    CrossValScores,
     Measured,
     ThresholdResult,
     assess_convergence,
@@ -191,6 +194,7 @@ def measure(
     history: list[dict[str, Any]],
     stopped_early: bool,
     champion: ChampionScore | None = None,
+    cross_validation: CrossValScores | None = None,
 ) -> tuple[dict[str, Any], Measured]:
     """Test quality against the baselines (and the champion), the train - test gap, latency, convergence.
 
@@ -233,6 +237,8 @@ def measure(
     )  # fmt: skip
     if champion is not None:
         metrics["championScore"] = _round(champion.score)
+    if cross_validation is not None:  # validation.crossValidation: every fold's score (crossval.py)
+        metrics["crossValidation"] = cross_validation.to_json()
     # latencyMs is the gate's figure: this in-process one when the validator runs as one step; the served step
     # (served_latency.py) replaces it with TorchServe's. modelLatencyMs stays: what the model alone costs.
     metrics.update(converged=converged, convergenceReason=reason, latencyMs=latency, modelLatencyMs=latency)
@@ -263,6 +269,7 @@ def measure(
         baseline_linear=base["linear"].score(splits.task),
         classes_without_test_rows=tuple(test_q.get("classesWithoutTestRows", ())),
         champion=champion,
+        cross_validation=cross_validation,
     )
     return metrics, measured
 
@@ -364,7 +371,11 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
         )
     history = read_history(run_dir / "metrics.jsonl")
     champion = score_champion(cfg, splits)
-    metrics, measured = measure(model, splits, history, bool(summary.get("stoppedEarly")), champion)
+    folds = None
+    if cfg.validation.cross_validation is not None:
+        cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+        folds = cross_validate(cfg, splits, cpu)
+    metrics, measured = measure(model, splits, history, bool(summary.get("stoppedEarly")), champion, folds)
     results = evaluate_thresholds(cfg.validation, measured)
     passed = not failed(results)
     metadata = _metadata(cfg, splits, summary, metrics, results)
@@ -435,6 +446,11 @@ def termination_summary(verdict: dict[str, Any]) -> dict[str, Any]:
         "latencyP95Ms": round(latency["p95"], 4),
         "latencyP99Ms": round(latency["p99"], 4),
         "converged": metrics.get("converged"),
+        **(
+            {"crossValidation": {"mean": _short(cv["mean"]), "std": _short(cv["std"])}}
+            if (cv := metrics.get("crossValidation"))
+            else {}
+        ),
         "runDir": verdict["runDir"],
         "modelArchive": verdict["artifacts"].get("modelArchive"),
     }

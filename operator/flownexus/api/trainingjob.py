@@ -422,6 +422,19 @@ class ChampionSpec(ApiModel):
     )
 
 
+class CrossValidationSpec(ApiModel):
+    """k-fold cross-validation of the training+validation rows, for datasets too small for one test split."""
+
+    folds: int = Field(ge=2, le=10, description="Number of stratified folds; k models are trained in the validator.")
+    max_std: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Maximum standard deviation of the fold scores (primary metric) before the estimate counts as "
+        "too unstable to pass.",
+    )
+
+
 class ValidationThresholds(ApiModel):
     """The gate: a model is served only when every threshold holds.
 
@@ -470,6 +483,12 @@ class ValidationThresholds(ApiModel):
         description="Pass only if this model scores at least the champion's primary metric minus tolerance.",
     )
     require_convergence: bool = Field(default=True, description="Require the validation loss to have converged.")
+    cross_validation: CrossValidationSpec | None = Field(
+        default=None,
+        description="Also train the same model on k folds of the training+validation rows (never the test rows) "
+        "and fail when the fold scores vary more than maxStd or their mean is not minMarginOverTrivial above the "
+        "trivial baseline; unset = off.",
+    )
     max_rmse: float | None = Field(default=None, gt=0.0, description="Maximum test RMSE (regression).")
     min_r2: float | None = Field(default=None, le=1.0, description="Minimum test R² (regression).")
     served_latency: ServedLatencySpec = Field(
@@ -517,6 +536,12 @@ class TrainingJobSpec(ApiModel):
             "message": "training.batchSize is the global batch: it must be at least distributed.workers x "
             "procsPerWorker (one row per process)",
         },
+        {
+            "rule": "!has(self.validation) || !has(self.validation.crossValidation) || !has(self.dataset.split) || "
+            "self.dataset.split != 'temporal'",
+            "message": "validation.crossValidation shuffles rows into folds: it needs dataset.split random, not "
+            "temporal (a fold would train on later rows and be scored on earlier ones)",
+        },
     ]
 
     cluster_ref: ObjectRef = Field(
@@ -555,6 +580,8 @@ class TrainingJobSpec(ApiModel):
     def _a_row_per_process(self) -> TrainingJobSpec:
         if self.training.batch_size < self.distributed.workers * self.distributed.procs_per_worker:
             raise ValueError(self.cel_rules[0]["message"])
+        if self.validation.cross_validation is not None and self.dataset.split == "temporal":
+            raise ValueError(self.cel_rules[1]["message"])
         return self
 
 
@@ -620,6 +647,12 @@ class ValidationResult(StatusModel):
         default=None, description="95 % Wilson interval [low, high] of the test accuracy."
     )
     converged: bool | None = Field(default=None, description="Whether validation loss converged.")
+    cross_validation_mean: float | None = Field(
+        default=None, description="Mean primary metric over the cross-validation folds (validation.crossValidation)."
+    )
+    cross_validation_std: float | None = Field(
+        default=None, description="Standard deviation of the primary metric over the cross-validation folds."
+    )
     failed_thresholds: list[str] = Field(default_factory=list, description="Every threshold that failed, named.")
 
 

@@ -348,6 +348,8 @@ def _validation_step(plan: Plan, obs: Observed, generation: int | None) -> Plan:
         roc_auc=verdict.get("rocAuc"),
         accuracy_interval=verdict.get("accuracyInterval"),
         converged=verdict.get("converged"),
+        cross_validation_mean=(verdict.get("crossValidation") or {}).get("mean"),
+        cross_validation_std=(verdict.get("crossValidation") or {}).get("std"),
         failed_thresholds=list(verdict.get("failed") or []),
     )
     run_dir = verdict.get("runDir")
