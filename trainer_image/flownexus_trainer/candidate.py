@@ -27,12 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import validate
 from .checkpoint import atomic_write_bytes
 from .config import JobConfig, load_config
-from .data import load_splits
+from .data import Normalization, load_splits
 from .errors import TERMINATION_LOG, failure_summary, write_termination_message
 from .export import build_mar
 from .served_latency import REQUESTS_FILE, VERDICT_FILE, candidate_dir
@@ -42,11 +40,9 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 1000
 
 
-def raw_rows(x_standardized: Any, mean: list[float], std: list[float], limit: int = MAX_ROWS) -> list[list[float]]:
+def raw_rows(x_standardized: Any, normalization: Normalization, limit: int = MAX_ROWS) -> list[list[float]]:
     """Undo the standardization: the features as a client of the served model sends them."""
-    x = np.asarray(x_standardized[:limit], dtype=np.float64)
-    raw = x * np.asarray(std, dtype=np.float64) + np.asarray(mean, dtype=np.float64)
-    return [[round(float(v), 6) for v in row] for row in raw]
+    return [[round(float(v), 6) for v in row] for row in normalization.invert(x_standardized[:limit])]
 
 
 def without_latency_gate(cfg: JobConfig) -> JobConfig:
@@ -72,7 +68,7 @@ def stage(cfg: JobConfig) -> dict[str, Any]:
     artifacts.pop("modelArchive", None)
     artifacts["candidateArchive"] = validate._relative(staged, cfg.artifact_root)
     splits = load_splits(cfg.dataset, cfg.artifact_root)
-    rows = raw_rows(splits.x_test, splits.normalization.mean, splits.normalization.std)
+    rows = raw_rows(splits.x_test, splits.normalization)
     atomic_write_bytes(out / REQUESTS_FILE, json.dumps({"rows": rows}, separators=(",", ":")).encode())
     candidate = {
         **verdict,

@@ -43,12 +43,9 @@ def raw_rows(splits: Splits) -> tuple[NDArray[np.float64], NDArray[Any]]:
     """The training+validation rows (never the test rows) in the dataset's units, undoing the standardization
     that was fitted on the training split; regression targets too."""
     norm = splits.normalization
-    mean, std = np.asarray(norm.mean, np.float64), np.asarray(norm.std, np.float64)
-    x = np.concatenate([splits.x_train, splits.x_val]).astype(np.float64) * std + mean
+    x = norm.invert(np.concatenate([splits.x_train, splits.x_val]))
     y = np.concatenate([splits.y_train, splits.y_val])
-    if splits.task == "regression":
-        y = y.astype(np.float64) * norm.target_std + norm.target_mean
-    return x, y
+    return x, norm.invert_target(y) if splits.task == "regression" else y
 
 
 def fold_indices(

@@ -62,6 +62,14 @@ class Normalization:
             (np.asarray(x, dtype=np.float32) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         ).astype(np.float32)
 
+    def invert(self, x: NDArray[Any]) -> NDArray[np.float64]:
+        """Standardized rows back in the dataset's units: what a client of the served model sends."""
+        return np.asarray(x, np.float64) * np.asarray(self.std, np.float64) + np.asarray(self.mean, np.float64)
+
+    def invert_target(self, y: NDArray[Any]) -> NDArray[np.float64]:
+        """A regression target (or prediction) back in the target's units."""
+        return np.asarray(y, np.float64) * self.target_std + self.target_mean
+
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean, "std": self.std, "targetMean": self.target_mean, "targetStd": self.target_std}
 

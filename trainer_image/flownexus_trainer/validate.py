@@ -152,13 +152,11 @@ def champion_primary(model_dir: Path, splits: Splits) -> float:
     except Exception as exc:  # a state dict that does not fit its own config, a corrupt file
         raise ChampionError(f"its model.pt does not load: {type(exc).__name__}: {str(exc)[:200]}") from exc
     ours = splits.normalization
-    raw_x = splits.x_test.astype(np.float64) * np.asarray(ours.std) + np.asarray(ours.mean)
-    outputs = predict(model, theirs.apply(raw_x))
+    outputs = predict(model, theirs.apply(ours.invert(splits.x_test)))
     if splits.task == "classification":
         test = quality.classification_metrics(splits.y_test, outputs.argmax(axis=1), splits.class_labels)
         return float(test["balancedAccuracy"])
-    y_true = np.asarray(splits.y_test, np.float64) * ours.target_std + ours.target_mean
-    y_pred = outputs[:, 0].astype(np.float64) * theirs.target_std + theirs.target_mean
+    y_true, y_pred = ours.invert_target(splits.y_test), theirs.invert_target(outputs[:, 0])
     return float(quality.regression_metrics(y_true, y_pred)["r2"])
 
 
