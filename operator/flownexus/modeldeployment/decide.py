@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from ..api.modeldeployment import (
     AnalysisResult,
@@ -342,14 +342,7 @@ def _first_version(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generat
         reason = "ModelNotServable" if obs.source_final else "WaitingForModel"
         _phase(plan, spec, phase.value, reason, obs.source_problem, generation)
         return plan
-    st.stable = ServedVersion(
-        version=src.version,
-        training_job=src.training_job,
-        archive=src.archive,
-        template=obs.template.model_copy(deep=True) if obs.template is not None else None,
-        template_hash=plan.wanted_hash,
-        revision=revision(src.version, plan.wanted_hash),
-    )
+    st.stable = ServedVersion(**_served(src, obs, plan))
     _history(st, src.version, src.training_job, src.metrics, "Deployed", obs.now, "first version", plan.wanted_hash)
     plan.decisions.append("deploy")
     _phase(plan, spec, Phase.PROGRESSING.value, "Deploying", f"deploying version {src.version} as stable", generation)
@@ -401,17 +394,24 @@ def _serving(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, generation: i
     return _start_canary(spec, plan, obs, src, generation)
 
 
+def _served(src: Source, obs: Observed, plan: Plan) -> dict[str, Any]:
+    """What a track records of the version it serves: the model, and the pod template it runs with."""
+    return {
+        "version": src.version,
+        "training_job": src.training_job,
+        "archive": src.archive,
+        "template": obs.template.model_copy(deep=True) if obs.template is not None else None,
+        "template_hash": plan.wanted_hash,
+        "revision": revision(src.version, plan.wanted_hash),
+    }
+
+
 def _start_canary(spec: ModelDeploymentSpec, plan: Plan, obs: Observed, src: Source, generation: int | None) -> Plan:
     st = plan.status
     assert st.stable is not None
     weight = spec.rollout.steps[0]
     st.canary = CanaryState(
-        version=src.version,
-        training_job=src.training_job,
-        archive=src.archive,
-        template=obs.template.model_copy(deep=True) if obs.template is not None else None,
-        template_hash=plan.wanted_hash,
-        revision=revision(src.version, plan.wanted_hash),
+        **_served(src, obs, plan),
         weight=weight,
         step=0,
         failed_checks=0,
