@@ -42,6 +42,7 @@ ERROR_RATIO_MAX = 0.05  # share of a stable track's inference requests answered 
 LATENCY_P99_MAX_S = 1.0  # p99 of the handler's latency on the stable track
 RECONCILE_ERRORS_MAX = 2  # failed reconcile passes of one kind within 10 minutes
 RECONCILE_P99_MAX_S = 5.0
+TRAINING_QUEUE_STUCK_FOR = "30m"  # a NeuralCluster's queue of TrainingJobs never empty for this long
 
 # ---- building blocks -----------------------------------------------------------------------------------
 
@@ -238,6 +239,8 @@ _reconciles = "flownexus_reconcile_total"
 _reconcile_rate_by_kind = f"sum by (kind) (rate({_reconciles}[{WINDOW}]))"
 _operator = "group by (instance) (flownexus_api_requests_total)"
 NO_CANARY_DECISION = "no canary analysis ran in the window"
+_finished = "flownexus_trainingjob_finished_total"
+_api_responses = "flownexus_api_responses_total"
 
 OPERATOR = Dashboard(
     uid="flownexus-operator",
@@ -280,6 +283,41 @@ OPERATOR = Dashboard(
             "reqps",
             (Query(f"sum by (verb, kind) (rate(flownexus_api_requests_total[{WINDOW}]))", "{{verb}} {{kind}}"),),
             "Requests the operator sent to the Kubernetes API server.",
+        ),
+        Panel(
+            "API responses/s by code",
+            "reqps",
+            (Query(f"sum by (code) (rate({_api_responses}[{WINDOW}]))", "{{code}}"),),
+            "Answers of the Kubernetes API server by HTTP status code, each try of a retried request counted; "
+            '"error": no answer (connection refused or reset, timeout).',
+        ),
+        Panel(
+            "TrainingJobs by phase",
+            "short",
+            (Query("sum by (phase) (flownexus_trainingjobs)", "{{phase}}"),),
+            "TrainingJobs in the operator's cache by status.phase, all namespaces (a job without status yet counts "
+            "as Pending).",
+        ),
+        Panel(
+            "TrainingJob queue depth by NeuralCluster",
+            "short",
+            (Query("sum by (namespace, cluster) (flownexus_trainingjob_queue_depth)", "{{namespace}}/{{cluster}}"),),
+            "TrainingJobs waiting for a slot of their NeuralCluster's limits.maxConcurrentTrainingJobs (0 for a "
+            f"cluster with none waiting); FlowNexusTrainingQueueStuck fires when it stays above 0 for "
+            f"{TRAINING_QUEUE_STUCK_FOR}.",
+        ),
+        Panel(
+            "TrainingJobs finished (1h) by result and reason",
+            "short",
+            (
+                Query(
+                    f"sum by (namespace, result, reason) (increase({_finished}[1h]))",
+                    "{{namespace}} {{result}} {{reason}}",
+                    "no TrainingJob reached Succeeded or Failed since the operator started",
+                ),
+            ),
+            "Jobs that reached a final phase, by status.reason (e.g. Validated, ValidationFailed, InputError, "
+            "DeadlineExceeded); counted once, when the operator writes the final phase.",
         ),
         Panel(
             "Canary decisions (1h)",
@@ -336,6 +374,7 @@ _md_errors = f"sum by ({_dep}) ({by_deployment(rate(ERRORS, STABLE_PODS))})"
 _md_p99 = f"histogram_quantile(0.99, sum by ({_dep}, le) ({by_deployment(rate(LATENCY + '_bucket', STABLE_PODS))}))"
 _md = "ModelDeployment {{ $labels.namespace }}/{{ $labels.modeldeployment }}"
 _rollbacks = 'flownexus_canary_decisions_total{decision="rollback"}'
+_failed = f'{_finished}{{result="Failed"}}'
 
 RULE_GROUPS: list[dict[str, Any]] = [
     {
@@ -381,6 +420,41 @@ RULE_GROUPS: list[dict[str, Any]] = [
                 "A Flow Nexus canary was rolled back",
                 "{{ $value | humanize }} canary rollback(s) in the last 15 minutes: the canary failed its analysis. "
                 "`kubectl get modeldeployments -A` shows which (phase RolledBack), `kubectl flownexus status` why.",
+            ),
+            _alert(
+                "FlowNexusTrainingJobFailed",
+                # As for rollbacks: the first failure of a (namespace, reason) since the operator started is a new
+                # series at 1, which increase() cannot see.
+                f"sum by (namespace, reason) (increase({_failed}[15m])) > 0"
+                f" or sum by (namespace, reason) ({_failed} unless {_failed} offset 15m) > 0",
+                "0m",
+                "warning",
+                "A TrainingJob in {{ $labels.namespace }} failed ({{ $labels.reason }})",
+                "At least one TrainingJob in namespace {{ $labels.namespace }} reached phase Failed with reason "
+                "{{ $labels.reason }} in the last 15 minutes. `kubectl get trainingjobs -n {{ $labels.namespace }}` "
+                "shows which, `kubectl describe` (status.message, Events) why.",
+            ),
+            _alert(
+                "FlowNexusTrainingQueueStuck",
+                "max by (namespace, cluster) (flownexus_trainingjob_queue_depth) > 0",
+                TRAINING_QUEUE_STUCK_FOR,
+                "warning",
+                "TrainingJobs wait for NeuralCluster {{ $labels.namespace }}/{{ $labels.cluster }}",
+                "{{ $value | humanize }} TrainingJob(s) wait for a slot of NeuralCluster {{ $labels.namespace }}/"
+                "{{ $labels.cluster }} (limits.maxConcurrentTrainingJobs), and its queue has not been empty for "
+                f"{TRAINING_QUEUE_STUCK_FOR}: the running jobs hold every slot. Check them "
+                "(`kubectl get trainingjobs -n {{ $labels.namespace }}`), or raise the limit.",
+            ),
+            _alert(
+                "FlowNexusApiServerErrors",
+                f'sum by (kind, code) (rate({_api_responses}{{code=~"5..|error"}}[{WINDOW}])) > 0',
+                "10m",
+                "warning",
+                "The Kubernetes API server fails the operator's {{ $labels.kind }} requests ({{ $labels.code }})",
+                "{{ $value | humanize }} answers/s with code {{ $labels.code }} (5xx, or error: no answer at all) to "
+                f"the operator's {{{{ $labels.kind }}}} requests over {WINDOW}, for 10 minutes: the API server, etcd "
+                "or a webhook is failing or unreachable. Passes are retried with backoff; the operator log names the "
+                "failing requests.",
             ),
         ],
     },

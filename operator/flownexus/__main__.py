@@ -16,10 +16,12 @@ def run(settings: Settings) -> None:
     from prometheus_client import start_http_server
 
     from . import handlers
+    from .metrics import register_cache_metrics
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers.configure(settings)
     if settings.metrics_port:
+        register_cache_metrics(lambda: handlers.RUNTIME.cache if handlers.RUNTIME is not None else None)
         start_http_server(settings.metrics_port)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     asyncio.run(

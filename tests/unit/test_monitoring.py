@@ -7,6 +7,7 @@ under CI=true (tests/prereq.py)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -133,6 +134,32 @@ def test_skipped_queries_say_why() -> None:
     # The panels the e2e check relies on are not skipped.
     where = {w for w, _ in skipped}
     assert not any("Requests/s by track" in w or "Latency p50" in w for w in where)
+
+
+def test_trainingjob_and_api_panels_are_checked_in_e2e_and_only_finished_jobs_may_be_empty() -> None:
+    """The phase gauge, queue depth and API responses always have series once the operator runs (every phase and
+    every NeuralCluster at 0 included); finished jobs have none until a job finishes, which e2e need not wait for."""
+    operator = {q.where: q for q in render.all_queries({"operator": render.OPERATOR})}
+    by_series = {
+        name: [q for q in operator.values() if name in q.expr]
+        for name in ("flownexus_trainingjobs", "flownexus_trainingjob_queue_depth", "flownexus_api_responses_total",
+                     "flownexus_trainingjob_finished_total")
+    }  # fmt: skip
+    assert all(by_series.values()), {k: len(v) for k, v in by_series.items()}
+    for name in ("flownexus_trainingjobs", "flownexus_trainingjob_queue_depth", "flownexus_api_responses_total"):
+        assert all(q.empty_reason is None for q in by_series[name]), name
+    assert all(q.empty_reason for q in by_series["flownexus_trainingjob_finished_total"])
+
+
+def test_monitoring_doc_names_every_operator_series_the_queries_use() -> None:
+    doc = (render.ROOT / "docs" / "MONITORING.md").read_text()
+    exprs = [q.expr for q in render.all_queries({"operator": render.OPERATOR})] + [
+        r["expr"] for r in render.alert_rules()
+    ]
+    series = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"flownexus_[a-z_]+", e)}
+    series.discard("flownexus_inference_latency_seconds")  # the handler's, listed with the serving series
+    assert {"flownexus_trainingjobs", "flownexus_api_responses_total"} <= series
+    assert [s for s in sorted(series) if f"`{s}" not in doc] == []
 
 
 # ---- against a real Prometheus ---------------------------------------------------------------------------------

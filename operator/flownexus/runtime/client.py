@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import urllib3
 from prometheus_client import Counter
 
 from .. import __version__
@@ -30,6 +31,12 @@ RETRIES = 3
 
 API_REQUESTS = Counter(
     "flownexus_api_requests_total", "Requests the operator sent to the API server, by verb and kind.", ["verb", "kind"]
+)
+API_RESPONSES = Counter(
+    "flownexus_api_responses_total",
+    "Answers the operator received from the API server (each try of a retried request), by verb, kind and HTTP "
+    'status code; code "error" when no answer came (connection refused or reset, timeout).',
+    ["verb", "kind", "code"],
 )
 
 # Every kind the operator reads or writes, with its plural (no discovery round trips at start).
@@ -148,9 +155,14 @@ class Client:
         payload = None if body is None else json.dumps(body)
         # urllib3 through the client's pool: it carries the kubeconfig's TLS settings and client certificate.
         for attempt in range(RETRIES + 1):
-            response = self._api.rest_client.pool_manager.request(
-                method, url, body=payload, headers=headers, timeout=TIMEOUT_S, retries=False
-            )
+            try:
+                response = self._api.rest_client.pool_manager.request(
+                    method, url, body=payload, headers=headers, timeout=TIMEOUT_S, retries=False
+                )
+            except (OSError, urllib3.exceptions.HTTPError):
+                API_RESPONSES.labels(method, kind, "error").inc()
+                raise
+            API_RESPONSES.labels(method, kind, str(response.status)).inc()
             # 429 (priority and fairness) and 503 with Retry-After ask the client to come back shortly.
             if response.status not in (429, 503) or attempt == RETRIES:
                 break

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..api.common import Condition, format_validation_error
 from ..meta import set_condition
-from ..metrics import RECONCILE_SECONDS, RECONCILES
+from ..metrics import RECONCILE_SECONDS, RECONCILES, count_finished
 from .cache import Cache, controller_name, controller_uid
 from .client import ApiError, Client, Conflict, Manifest, Ref
 from .workqueue import WorkQueue
@@ -243,6 +243,7 @@ class Controller:
                     self._stale.add(key)
                     return CONFLICT_RETRY_S, "conflict"
                 self.cache.upsert(written)
+                count_finished(obj, written)  # a TrainingJob that this write finished, once
                 obj = written
         for action in outcome.actions:
             try:
