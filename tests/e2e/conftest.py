@@ -26,6 +26,7 @@ import yaml
 
 from tests import prereq
 from tests.chart import OPERATOR_SA, chart_rbac
+from tests.e2e.s3 import s3_store  # noqa: F401  (a session fixture: SeaweedFS in the cluster)
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_CLUSTER = REPO / "dev" / "cluster"
@@ -150,12 +151,19 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 def build_image(
-    context: Path, name: str, *, containerfile: str | None = None, tag: str | None = None, timeout: float = 900
+    context: Path,
+    name: str,
+    *,
+    containerfile: str | None = None,
+    tag: str | None = None,
+    build_args: dict[str, str] | None = None,
+    timeout: float = 900,
 ) -> str:
     """Build a Containerfile with the harness (buildah), load it into the node; the image reference to use."""
     args = ["build-image", str(context), "--name", name]
     args += ["-f", str(context / containerfile)] if containerfile else []
     args += ["--tag", tag] if tag else []
+    args += [a for k, v in (build_args or {}).items() for a in ("--build-arg", f"{k}={v}")]
     result = _dev_cluster(*args, timeout=timeout)
     if result.returncode != 0:
         pytest.fail(f"dev/cluster build-image {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -171,6 +179,18 @@ def server_image(cluster: Cluster) -> str:
     ModelDeployments' pods and the validator's served-latency step run it."""
     return build_image(
         REPO / "trainer_image", "server", containerfile="Containerfile.server", tag=SERVER_TAG, timeout=2400
+    )
+
+
+TRAINER_TAG = "flownexus/trainer:0.1.0"  # the name examples/neuralcluster.yaml uses
+
+
+@pytest.fixture(scope="session")
+def trainer_image(cluster: Cluster) -> str:
+    """The trainer image built from trainer_image/Containerfile.trainer, also named as in the examples: the
+    worker pods and the validator's first step run it."""
+    return build_image(
+        REPO / "trainer_image", "trainer", containerfile="Containerfile.trainer", tag=TRAINER_TAG, timeout=2400
     )
 
 

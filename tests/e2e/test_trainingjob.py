@@ -16,19 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import REPO, Cluster, build_image, wait_until
+from tests.e2e.conftest import REPO, TRAINER_TAG, Cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 TRAIN_TIMEOUT_S = 900
-TRAINER_TAG = "flownexus/trainer:0.1.0"  # the name examples/neuralcluster.yaml uses
-
-
-@pytest.fixture(scope="session")
-def trainer_image(cluster: Cluster) -> str:
-    """The trainer image built from trainer_image/Containerfile.trainer, also named as in the examples."""
-    return build_image(
-        REPO / "trainer_image", "trainer", containerfile="Containerfile.trainer", tag=TRAINER_TAG, timeout=2400
-    )
 
 
 def example(name: str, namespace: str, **spec_overrides: Any) -> dict[str, Any]:

@@ -674,6 +674,46 @@ TABLE: list[tuple[str, Manifest, str, str | None]] = [
     ("version not a label value", _md(**{"spec.model.version": "1.0-"}),
      'spec.model.version: Invalid value: "1.0-": spec.model.version in body should match', "should match pattern"),
     ("missing model", _tj(**{"spec.model": _DROP}), "spec.model: Required value", "Field required"),
+    ("dataset uri ..", _tj(**{"spec.dataset": {"source": "uri", "uri": "pvc://data/../../x.parquet"}}),
+     'spec.dataset.uri: Invalid value: "pvc://data/../../x.parquet": pvc://data/../../x.parquet may not contain a '
+     "'..' segment: the dataset must stay inside the artifact store",
+     "pvc://data/../../x.parquet may not contain a '..' segment"),
+    ("dataset uri scheme", _tj(**{"spec.dataset": {"source": "uri", "uri": "https://example.com/x.csv"}}),
+     'spec.dataset.uri: Invalid value: "https://example.com/x.csv": https://example.com/x.csv is not '
+     "s3://<bucket>/<key> or pvc://<path relative to the artifact store root>",
+     "https://example.com/x.csv is not s3://<bucket>/<key> or pvc://"),
+    ("dataset uri bucket", _tj(**{"spec.dataset": {"source": "uri", "uri": "s3://Bad_Bucket/x.csv"}}),
+     'spec.dataset.uri: Invalid value: "s3://Bad_Bucket/x.csv": s3://Bad_Bucket/x.csv is not s3://<bucket>/<key>',
+     "s3://Bad_Bucket/x.csv is not s3://<bucket>/<key>"),
+    ("dataset uri required", _tj(**{"spec.dataset": {"source": "uri"}}),
+     "uri is required when source is uri", "uri is required when source is uri"),
+    ("dataset uri extension", _tj(**{"spec.dataset": {"source": "uri", "uri": "s3://flownexus/data/x.xlsx"}}),
+     "uri has no known extension (.csv, .tsv, .txt, .parquet, .pq, .npz): set format to csv, parquet or npz",
+     "uri has no known extension"),
+    ("dataset format needs uri", _tj(**{"spec.dataset": {"source": "file", "path": "x.csv", "format": "csv"}}),
+     "format needs source: uri (a file's path names its format by its extension)", "format needs source: uri"),
+    ("dataset format enum", _tj(**{"spec.dataset": {"source": "uri", "uri": "pvc://x", "format": "xlsx"}}),
+     'spec.dataset.format: Unsupported value: "xlsx": supported values: "csv", "parquet", "npz"', "format"),
+    ("timestampColumn needs temporal", _tj(**{"spec.dataset": {"source": "uri", "uri": "pvc://x.parquet",
+                                                                "timestampColumn": "at"}}),
+     "timestampColumn needs split: temporal (it orders the rows a temporal split cuts; a random split does not use "
+     "row order)", "timestampColumn needs split: temporal"),
+    ("timestampColumn needs a table", _tj(**{"spec.dataset": {"source": "synthetic", "split": "temporal",
+                                                               "timestampColumn": "at"}}),
+     "timestampColumn needs source: file or uri (a table with named columns)", "timestampColumn needs source"),
+    ("featureColumns hold the target", _tj(**{"spec.dataset": {"source": "uri", "uri": "pvc://x.parquet",
+                                                                "featureColumns": ["a", "target"]}}),
+     "targetColumn cannot be one of featureColumns", "targetColumn cannot be one of featureColumns"),
+    ("featureColumns hold the timestamp", _tj(**{"spec.dataset": {
+        "source": "uri", "uri": "pvc://x.parquet", "split": "temporal", "timestampColumn": "at",
+        "featureColumns": ["a", "at"]}}),
+     "timestampColumn cannot be one of featureColumns: it orders the rows and is not a feature",
+     "timestampColumn cannot be one of featureColumns"),
+    ("featureColumns need a table", _tj(**{"spec.dataset": {"source": "builtin", "name": "iris",
+                                                             "featureColumns": ["a"]}}),
+     "featureColumns needs source: file or uri (a table with named columns)", "featureColumns needs source"),
+    ("categoricalColumns need a table", _tj(**{"spec.dataset": {"source": "synthetic", "categoricalColumns": ["a"]}}),
+     "categoricalColumns needs source: file or uri (a table with named columns)", "categoricalColumns needs source"),
 ]  # fmt: skip
 
 
@@ -708,3 +748,20 @@ def test_the_artifact_store_is_immutable_once_set(harness: Harness) -> None:
 def test_the_examples_themselves_are_accepted(harness: Harness) -> None:
     for kind in KIND_NAMES:
         assert post(harness, base(kind)) is None, kind
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        {"source": "uri", "uri": "s3://flownexus-data/sales/2024.PARQUET", "split": "temporal", "timestampColumn": "at",
+         "featureColumns": ["region", "units"], "categoricalColumns": ["region"], "targetColumn": "label"},
+        {"source": "uri", "uri": "pvc://exports/latest", "format": "parquet"},
+        {"source": "uri", "uri": "pvc://data/x.tsv", "missingValues": "dropRows"},
+        {"source": "file", "path": "data/x.csv", "split": "temporal", "timestampColumn": "at"},
+    ],
+    ids=["s3 parquet, every column field", "pvc without extension, format set", "pvc tsv", "file with timestamp"],
+)  # fmt: skip
+def test_datasets_by_uri_are_accepted_by_the_server_and_the_operator(harness: Harness, dataset: Manifest) -> None:
+    obj = _tj(fresh_name("TrainingJob"), **{"spec.dataset": dataset})
+    assert post(harness, obj) is None
+    parse_spec(KIND["TrainingJob"].spec, obj)

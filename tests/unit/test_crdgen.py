@@ -185,9 +185,9 @@ def test_type_rules_and_field_rules_land_on_the_same_node() -> None:
         assert rules_at(md, path)[0]["rule"] == "duration(self) > duration('0s')"
     for image in ("trainer", "server"):
         assert rules_at(nc, f"spec.images.{image}")[0]["rule"].startswith("self.matches(r'^")
-    # A field's own rule next to its model's rules (the artifact store is immutable and needs a source).
+    # A field's own rule next to its model's rules (the artifact store is immutable and needs one kind of source).
     store = [r["rule"] for r in rules_at(nc, "spec.artifactStore")]
-    assert store == ["self == oldSelf", "has(self.existingClaim) || has(self.size)"]
+    assert store == ["self == oldSelf", "has(self.s3) != (has(self.existingClaim) || has(self.size))"]
 
 
 def test_reserved_env_rules_name_the_variable() -> None:

@@ -16,7 +16,7 @@ from .errors import InputError
 
 CONFIG_ENV = "FLOWNEXUS_CONFIG"
 
-ARCHITECTURES = ("mlp", "residual_mlp", "transformer", "lstm")
+ARCHITECTURES = ("mlp", "residual_mlp", "transformer", "lstm", "custom")
 BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
 
 
@@ -112,14 +112,14 @@ class SyntheticConfig:
     noise: float = 0.1
 
 
-def _categorical_columns(raw: dict[str, Any], path: str) -> tuple[str, ...]:
-    names = _get(raw, "categoricalColumns", [], list, path)
+def _column_names(raw: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
+    names = _get(raw, key, [], list, path)
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"{path}.categoricalColumns[{i}]: must be a non-empty column name, got {name!r}")
+            raise ConfigError(f"{path}.{key}[{i}]: must be a non-empty column name, got {name!r}")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ConfigError(f"{path}.categoricalColumns: names appear twice: {dupes}")
+        raise ConfigError(f"{path}.{key}: names appear twice: {dupes}")
     return tuple(n.strip() for n in names)
 
 
@@ -139,12 +139,22 @@ class DatasetConfig:
     categorical_columns: tuple[str, ...] = ()
     # "error": a missing cell fails the job naming it; "dropRows": such rows are dropped and counted.
     missing_values: str = "error"
+    # source "uri": s3://<bucket>/<key> or pvc://<path relative to the artifact store root>.
+    uri: str = ""
+    # "csv", "parquet", "npz", or "" (from the extension of the uri or path).
+    format: str = ""
+    # Feature columns in this order; () = every column but the target and the timestamp column.
+    feature_columns: tuple[str, ...] = ()
+    # A temporal split stably sorts the rows by this column first; it is not a feature.
+    timestamp_column: str = ""
+    # paths.datasetFile: the local file the operator's store wrapper downloaded an s3:// dataset to.
+    downloaded_file: str = ""
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], path: str = "dataset") -> DatasetConfig:
+    def from_dict(cls, raw: dict[str, Any], path: str = "dataset", downloaded_file: str = "") -> DatasetConfig:
         syn = _section(raw, "synthetic", path)
         sp = f"{path}.synthetic"
-        source = _choice(raw, "source", "builtin", ("builtin", "synthetic", "file"), path)
+        source = _choice(raw, "source", "builtin", ("builtin", "synthetic", "file", "uri"), path)
         name = _get(raw, "name", "digits", str, path)
         if source == "builtin" and name not in BUILTIN_DATASETS:
             raise ConfigError(f"{path}.name: must be one of {list(BUILTIN_DATASETS)}, got {name!r}")
@@ -166,15 +176,39 @@ class DatasetConfig:
                 classes=_get(syn, "classes", 3, int, sp),
                 noise=_get(syn, "noise", 0.1, float, sp),
             ),
-            categorical_columns=_categorical_columns(raw, path),
+            categorical_columns=_column_names(raw, "categoricalColumns", path),
             missing_values=_choice(raw, "missingValues", "error", ("error", "dropRows"), path),
+            uri=_get(raw, "uri", "", str, path),
+            format=_choice(raw, "format", "", ("", "csv", "parquet", "npz"), path),
+            feature_columns=_column_names(raw, "featureColumns", path),
+            timestamp_column=_get(raw, "timestampColumn", "", str, path).strip(),
+            downloaded_file=downloaded_file,
         )
-        if cfg.categorical_columns and source != "file":
-            raise ConfigError(f"{path}.categoricalColumns: only meaningful with source 'file', got source {source!r}")
+        tables = ("file", "uri")
+        for key, value in (
+            ("categoricalColumns", cfg.categorical_columns),
+            ("featureColumns", cfg.feature_columns),
+            ("timestampColumn", cfg.timestamp_column),
+        ):
+            if value and source not in tables:
+                raise ConfigError(f"{path}.{key}: only meaningful with source 'file' or 'uri', got source {source!r}")
         if cfg.target_column in cfg.categorical_columns:
             raise ConfigError(f"{path}.categoricalColumns: {cfg.target_column!r} is the target column")
+        if cfg.target_column in cfg.feature_columns:
+            raise ConfigError(f"{path}.featureColumns: {cfg.target_column!r} is the target column")
+        if cfg.timestamp_column and cfg.split != "temporal":
+            raise ConfigError(f"{path}.timestampColumn: needs split 'temporal', got split {cfg.split!r}")
+        if cfg.timestamp_column and cfg.timestamp_column in (cfg.target_column, *cfg.feature_columns):
+            raise ConfigError(
+                f"{path}.timestampColumn: {cfg.timestamp_column!r} is the target or a feature column; it only orders "
+                "the rows"
+            )
         if source == "file" and not cfg.path:
             raise ConfigError(f"{path}.path: required when source is 'file'")
+        if source == "uri" and not cfg.uri:
+            raise ConfigError(f"{path}.uri: required when source is 'uri'")
+        if cfg.format and source != "uri":
+            raise ConfigError(f"{path}.format: only meaningful with source 'uri', got source {source!r}")
         if not (
             cfg.validation_fraction > 0 and cfg.test_fraction > 0 and cfg.validation_fraction + cfg.test_fraction < 0.9
         ):
@@ -396,7 +430,9 @@ class JobConfig:
             name=name,
             namespace=namespace,
             model=ModelConfig.from_dict(_section(raw, "model", "")),
-            dataset=DatasetConfig.from_dict(_section(raw, "dataset", "")),
+            dataset=DatasetConfig.from_dict(
+                _section(raw, "dataset", ""), downloaded_file=_get(paths, "datasetFile", "", str, "paths")
+            ),
             training=TrainingConfig.from_dict(_section(raw, "training", "")),
             validation=ValidationConfig.from_dict(_section(raw, "validation", "")),
             output=OutputConfig.from_dict(_section(raw, "output", ""), default_name=name),

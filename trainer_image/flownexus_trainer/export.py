@@ -51,9 +51,25 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 # --- the archive ---------------------------------------------------------------------------------
 
 
+def is_torchscript_model(model_dir: Path) -> bool:
+    """A custom trainer's model (flownexus_trainer.sdk): ``model.pt`` is TorchScript that takes raw feature rows."""
+    spec = json.loads((model_dir / "model_config.json").read_text(encoding="utf-8"))
+    return bool(spec.get("format") == "torchscript")
+
+
 def stage_archive(model_dir: Path, staging: Path) -> dict[str, Path]:
-    """Lay out the files an archive holds; also used by tests to mimic an unpacked archive."""
+    """Lay out the files an archive holds; also used by tests to mimic an unpacked archive.
+
+    A custom trainer's TorchScript model goes in as it is, without a model file: TorchServe's BaseHandler then
+    loads it with ``torch.jit.load``, so serving needs none of the user's Python code.
+    """
     staging.mkdir(parents=True, exist_ok=True)
+    if is_torchscript_model(model_dir):
+        shutil.copyfile(model_dir / "model.pt", staging / "model.pt")
+        shutil.copyfile(PACKAGE_DIR / "handler.py", staging / "flownexus_handler.py")
+        for name in ARCHIVE_FILES:
+            shutil.copyfile(model_dir / name, staging / name)
+        return {"serialized": staging / "model.pt", "handler": staging / "flownexus_handler.py"}
     weights = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
     # ServedModel wraps the network as ``net``, so its state-dict keys carry that prefix.
     torch.save({f"net.{k}": v for k, v in weights.items()}, staging / "model.pt")
@@ -75,12 +91,13 @@ def build_mar(model_dir: Path, out_dir: Path, model_name: str, version: str) -> 
     staging = out_dir / f".staging-{model_name}"
     shutil.rmtree(staging, ignore_errors=True)
     files = stage_archive(model_dir, staging)
-    extra = [files["extra"], *(staging / name for name in ARCHIVE_FILES)]
+    extra = [*([files["extra"]] if "extra" in files else []), *(staging / name for name in ARCHIVE_FILES)]
+    model_file = ["--model-file", str(files["model_file"])] if "model_file" in files else []
     cmd = [
         sys.executable, "-m", "model_archiver.model_packaging",
         "--model-name", model_name,
         "--version", version,
-        "--model-file", str(files["model_file"]),
+        *model_file,
         "--serialized-file", str(files["serialized"]),
         "--handler", str(files["handler"]),
         "--extra-files", ",".join(str(p) for p in extra),
@@ -162,6 +179,30 @@ class RawInputModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net((x - self.mean) / self.std)
         return out * self.out_scale + self.out_shift
+
+
+class StandardizedInput(nn.Module):
+    """A custom trainer's raw-feature TorchScript model seen as a built-in network: standardized rows in, logits or
+    standardized targets out, so the validator measures it with the same code. ``raw`` is the loaded graph."""
+
+    def __init__(self, raw: nn.Module, prep: Preprocessing) -> None:
+        super().__init__()
+        self.raw = raw
+
+        def frozen(value: list[float] | float) -> nn.Parameter:
+            return nn.Parameter(torch.tensor(value, dtype=torch.float32), requires_grad=False)
+
+        self.mean = frozen(prep.mean)
+        self.std = frozen(prep.std)
+        scale, shift = (prep.target_std, prep.target_mean) if prep.regression else (1.0, 0.0)
+        self.out_scale = frozen(scale)
+        self.out_shift = frozen(shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.raw(x * self.std + self.mean)
+        if out.dim() == 1:
+            out = out.unsqueeze(-1)
+        return (out - self.out_shift) / self.out_scale
 
 
 class RowWise(nn.Module):
@@ -258,6 +299,26 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
             dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=ONNX_OPSET,
             dynamo=True, external_data=False, verbose=False,
         )  # fmt: skip
+
+
+def export_onnx_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """ONNX of a TorchScript graph (a custom trainer's model): torch.export cannot read TorchScript, so the
+    TorchScript-based exporter, dynamic batch size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=ONNX_OPSET,
+            dynamo=False,
+        )  # fmt: skip
+
+
+def load_torchscript_module(path: Path) -> torch.jit.ScriptModule:
+    """A TorchScript file on the CPU, in eval mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load is deprecated upstream
+        loaded: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    return loaded.eval()
 
 
 def load_torchscript(path: Path) -> Runner:
@@ -472,6 +533,16 @@ def build_schema(sig: ModelSignature, results: list[ExportResult]) -> dict[str, 
 
 def _build(fmt: str, model: nn.Module, prep: Preprocessing, example: torch.Tensor, path: Path) -> Runner:
     """Write one export file and return a runner over the file as written."""
+    if isinstance(model, StandardizedInput):
+        # A custom trainer's model is already a raw-feature TorchScript graph: it is the export.
+        if fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.save is deprecated upstream
+                torch.jit.save(model.raw, str(path))
+            return load_torchscript(path)
+        if fmt == "onnx":
+            export_onnx_torchscript(model.raw, example, path)
+            return load_onnx(path)
     if fmt == "torchscript":
         export_torchscript(RawInputModel(model, prep).eval(), example, path)
         return load_torchscript(path)
@@ -517,6 +588,10 @@ def run_exports(
         path.unlink(missing_ok=True)  # never leave a previous run's file behind a failed export
         if fmt == "onnx" and (missing := missing_onnx_packages()):
             results.append(ExportResult(fmt, "skipped", reason=f"not installed in this image: {', '.join(missing)}"))
+            continue
+        if fmt == "int8" and isinstance(model, StandardizedInput):
+            reason = "a custom trainer's TorchScript model cannot be quantized here: quantize it in the trainer"
+            results.append(ExportResult(fmt, "skipped", reason=reason))
             continue
         try:
             agreement = measure_export(sig.task, reference, _build(fmt, model, sig.prep, example, path), rows, y)

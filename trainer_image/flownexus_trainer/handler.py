@@ -11,6 +11,10 @@ encodes as all zeros; the prediction then lists it in ``unseenCategories`` and t
 Response per request: ``{"predictions": [{"label", "index", "probabilities"}]}`` for classification,
 ``{"predictions": [{"value"}]}`` for regression. Malformed input answers 400 with the reason.
 
+A custom trainer's archive (``"rawInput": true`` in ``model_config.json``, flownexus_trainer.sdk) holds a
+TorchScript graph that standardizes inside and answers in the target's units: the handler then passes the
+encoded rows as they are and leaves the outputs alone; the request and response are the same.
+
 Latency: TorchServe's own metrics have no histogram, so the handler publishes one,
 ``flownexus_inference_latency_seconds``: the time inside the handler (parse, forward, format) for each
 answered request; the frontend's queueing and batching delay is not in it. The frontend's Prometheus buckets are fixed
@@ -186,6 +190,8 @@ class FlowNexusHandler(BaseHandler):  # type: ignore[misc]
         self.mean = torch.tensor(norm["mean"], dtype=torch.float32)
         self.std = torch.tensor(norm["std"], dtype=torch.float32)
         self.target_mean, self.target_std = float(norm.get("targetMean", 0.0)), float(norm.get("targetStd", 1.0))
+        # A custom trainer's TorchScript: raw features in, logits or target units out (the graph standardizes).
+        self.raw_input = bool(spec.get("rawInput", False))
         self.version = str(context.manifest.get("model", {}).get("modelVersion", ""))
         self.latency = context.metrics.add_metric_to_cache(
             LATENCY_METRIC, unit="s", dimension_names=["ModelName", "ModelVersion"], metric_type=MetricTypes.HISTOGRAM
@@ -220,7 +226,8 @@ class FlowNexusHandler(BaseHandler):  # type: ignore[misc]
         if not rows:
             # Every request in the batch is malformed (the usual single-request case): answer 400.
             raise PredictionException(self._batch[0][1] if self._batch else "empty request", 400)
-        return (torch.tensor(rows, dtype=torch.float32) - self.mean) / self.std
+        features = torch.tensor(rows, dtype=torch.float32)
+        return features if self.raw_input else (features - self.mean) / self.std
 
     def postprocess(self, data: torch.Tensor) -> list[dict[str, Any]]:
         """Split the batch output back into one response per request, and observe the latency."""
@@ -246,7 +253,7 @@ class FlowNexusHandler(BaseHandler):  # type: ignore[misc]
 
     def _format(self, output: torch.Tensor) -> list[dict[str, Any]]:
         if self.task == "regression":
-            values = output.squeeze(-1) * self.target_std + self.target_mean
+            values = output.reshape(-1) if self.raw_input else output.squeeze(-1) * self.target_std + self.target_mean
             return [{"value": float(v)} for v in values]
         probs = torch.softmax(output, dim=-1)
         labels = self.labels or [str(i) for i in range(probs.shape[-1])]

@@ -171,4 +171,9 @@ def build_model(spec: dict[str, Any], num_features: int, num_outputs: int) -> nn
             return FeatureLSTM(num_features, num_outputs, d_model, num_layers, dropout, num_features, legacy=True)
         sequence_length = int(spec["sequenceLength"])
         return FeatureLSTM(num_features, num_outputs, d_model, num_layers, dropout, sequence_length)
+    if arch == "custom":
+        raise ValueError(
+            "model.architecture custom: the network is the user's own (spec.trainer); it is trained by their code "
+            "and loaded from its TorchScript export, never built here"
+        )
     raise ValueError(f"model.architecture: unknown architecture {arch!r}")

@@ -133,8 +133,9 @@ def render_report(metadata: dict[str, Any], results: list[ThresholdResult], plot
         "## Lineage",
         "",
         f"- architecture: `{metadata['model']['architecture']}`",
-        f"- dataset: `{dataset['source']}/{dataset['name']}` ({dataset['fingerprint']}), "
-        f"split `{dataset['split']}`, seed {dataset['seed']}",
+        f"- dataset: `{dataset['source']}/{dataset['name']}` ({dataset['fingerprint']}"
+        + (f", file sha256 {dataset['sha256'][:16]}" if dataset.get("sha256") else "")
+        + f"), split `{dataset['split']}`, seed {dataset['seed']}",
         f"- image: `{metadata['image']}`",
         f"- epochs run: {metadata['training']['epochsRun']} (stopped early: {metadata['training']['stoppedEarly']})",
         "",

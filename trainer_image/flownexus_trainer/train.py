@@ -459,6 +459,7 @@ class Trainer:
             "backend": self.ctx.backend or "none",
             "resumedFrom": self.state.resumed_from,
             "datasetFingerprint": s.fingerprint,
+            "datasetSha256": s.source_sha256,
             "globalBatchSize": self.plan.per_process_batch * self.ctx.world_size,
             "perProcessBatchSize": self.plan.per_process_batch,
             "stepsPerEpoch": self.steps_per_epoch,

@@ -33,7 +33,16 @@ from .crossval import cross_validate
 from .data import Normalization, Splits, load_splits
 from .distributed import DistContext
 from .errors import TERMINATION_LOG, failure_summary, write_termination_message
-from .export import SCHEMA_FILE, ModelSignature, Preprocessing, build_mar, export_failures, run_exports
+from .export import (
+    SCHEMA_FILE,
+    ModelSignature,
+    Preprocessing,
+    StandardizedInput,
+    build_mar,
+    export_failures,
+    load_torchscript_module,
+    run_exports,
+)
 from .models import build_model
 from .report import plot_curves, render_report
 from .served_latency import withdraw_exports
@@ -52,7 +61,20 @@ log = logging.getLogger(__name__)
 
 
 def load_trained_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained network on standardized rows (logits, or standardized targets), and its model_config.json.
+
+    A custom trainer's model (``"format": "torchscript"``, flownexus_trainer.sdk) is a TorchScript graph on raw
+    rows: it is loaded without the user's code and wrapped so that it answers like a built-in network.
+    """
     spec = json.loads((model_dir / "model_config.json").read_text(encoding="utf-8"))
+    if spec.get("format") == "torchscript":
+        raw_norm = json.loads((model_dir / "normalization.json").read_text(encoding="utf-8"))
+        norm = Normalization(
+            mean=list(raw_norm["mean"]), std=list(raw_norm["std"]),
+            target_mean=float(raw_norm.get("targetMean", 0.0)), target_std=float(raw_norm.get("targetStd", 1.0)),
+        )  # fmt: skip
+        raw = load_torchscript_module(model_dir / "model.pt")
+        return StandardizedInput(raw, Preprocessing.of(norm, str(spec["task"]))).eval(), spec
     model = build_model(spec["model"], spec["numFeatures"], spec["numOutputs"])
     model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), spec
@@ -336,7 +358,13 @@ def _metadata(
         "output": {"modelName": cfg.output.model_name, "version": cfg.output.version},
         "dataset": {
             "source": ds.source,
-            "name": ds.path if ds.source == "file" else ds.name,
+            "name": {"file": ds.path, "uri": ds.uri}.get(ds.source, ds.name),
+            # Where the table came from and its exact bytes (source file and uri; None for builtin/synthetic).
+            "uri": ds.uri or None,
+            "sha256": splits.source_sha256,
+            "format": splits.source_format,
+            "featureColumns": splits.input_columns if splits.source_sha256 else None,
+            "timestampColumn": ds.timestamp_column or None,
             "task": ds.task,
             "split": ds.split,
             "seed": ds.seed,
@@ -370,6 +398,11 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     history = read_history(run_dir / "metrics.jsonl")
     champion = score_champion(cfg, splits)
     folds = None
+    if cfg.validation.cross_validation is not None and cfg.model.architecture == "custom":
+        raise ValueError(
+            "validation.crossValidation retrains the built-in architecture on each fold; "
+            "a custom trainer's model (model.architecture custom) cannot be cross-validated"
+        )
     if cfg.validation.cross_validation is not None:
         cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
         folds = cross_validate(cfg, splits, cpu)

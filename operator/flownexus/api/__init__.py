@@ -128,7 +128,9 @@ NEURAL_CLUSTER = Kind(
     names=NEURAL_CLUSTER_NAMES,
     columns=(
         PrinterColumn("Phase", "string", ".status.phase", "Pending, Ready or Failed."),
-        PrinterColumn("Storage", "string", ".status.artifactClaim", "PVC of the artifact store."),
+        PrinterColumn(
+            "Storage", "string", ".status.artifactStore", "The artifact store: pvc/<claim> or s3://bucket/prefix."
+        ),
         PrinterColumn("Jobs", "integer", ".status.activeTrainingJobs", "Active TrainingJobs."),
         PrinterColumn("Deployments", "integer", ".status.modelDeployments", "ModelDeployments."),
         AGE,

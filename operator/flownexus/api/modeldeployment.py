@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, ClassVar, Literal
 
@@ -344,6 +345,41 @@ class RolloutAction(ApiModel):
     )
 
 
+SMOKE_REQUEST_MAX_LENGTH = 16 * 1024
+
+
+class SmokeTraffic(ApiModel):
+    """Synthetic requests to the canary during each step, so that a quiet service still gives the analysis
+    data. It is traffic the operator makes up, not user traffic: the analysis then measures the canary
+    answering it (docs/MODELDEPLOYMENT.md, "Smoke traffic")."""
+
+    requests_per_second: int = Field(
+        default=2, ge=1, le=50, description="Requests per second sent to the canary's pods during each step."
+    )
+    request: str = Field(
+        min_length=1,
+        max_length=SMOKE_REQUEST_MAX_LENGTH,
+        description="The JSON body POSTed to /predictions/<name> (a string holding a JSON document, at most 16 "
+        "KiB), e.g. '{\"inputs\": [[0, 0, 5, 13, 9, 1, 0, 0]]}'.",
+    )
+    expect_status: int = Field(
+        default=200,
+        ge=100,
+        le=599,
+        description="The HTTP status a healthy answer has; the smoke Job counts the others in its log. It never "
+        "judges the canary: the analysis does.",
+    )
+
+    @model_validator(mode="after")
+    def _request_is_json(self) -> SmokeTraffic:
+        # Not expressible in CEL (Kubernetes' CEL cannot parse JSON): the operator checks it (spec InvalidSpec).
+        try:
+            json.loads(self.request)
+        except ValueError as exc:
+            raise ValueError(f"request: must be a JSON document: {exc}") from None
+        return self
+
+
 class RolloutSpec(ApiModel):
     """How a new version rolls out."""
 
@@ -386,6 +422,11 @@ class RolloutSpec(ApiModel):
         default=None,
         description="A one-shot manual action (promote, abort, retry) with an id; the operator applies each id "
         "once and records the result in status.actions. Leaving it set is harmless.",
+    )
+    smoke_traffic: SmokeTraffic | None = Field(
+        default=None,
+        description="Send synthetic requests to the canary during each step (a Job per step), so that a service "
+        "without user traffic can still be analysed. Unset: the analysis measures user traffic only.",
     )
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -12,6 +13,7 @@ from .common import (
     Check,
     Condition,
     DatasetPath,
+    ImageRef,
     Name,
     ObjectRef,
     ResourceRequirements,
@@ -22,7 +24,8 @@ from .common import (
 
 IMMUTABLE: Any = {"rule": "self == oldSelf", "message": "is immutable once the TrainingJob exists"}
 
-Architecture = Literal["mlp", "residual_mlp", "transformer", "lstm"]
+# custom: the user's own network, trained by their code (spec.trainer) under the same contract (flownexus_trainer.sdk).
+Architecture = Literal["mlp", "residual_mlp", "transformer", "lstm", "custom"]
 BuiltinDataset = Literal["digits", "iris", "wine", "breast_cancer", "diabetes"]
 
 MAX_WORKERS = 512
@@ -116,7 +119,10 @@ class ModelSpec(ApiModel):
         },
     ]
 
-    architecture: Architecture = Field(description="mlp, residual_mlp, transformer or lstm.")
+    architecture: Architecture = Field(
+        description="mlp, residual_mlp, transformer or lstm; or custom: your own network, trained by the code "
+        "spec.trainer names (the sizes below are then ignored)."
+    )
     hidden_sizes: list[LayerWidth] = Field(
         default_factory=lambda: [128, 64],
         min_length=1,
@@ -173,8 +179,50 @@ class SyntheticData(ApiModel):
         return self
 
 
+# s3://<bucket>/<key> (a bucket name as S3 spells one) or pvc://<path relative to the artifact store root>; the
+# key or path starts and ends with something other than '/'.
+DATASET_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]|pvc:/)/[^/\s]([^\s]*[^/\s])?$"
+_DATASET_URI = re.compile(DATASET_URI_PATTERN)
+# The format a dataset URI names by its extension (case-insensitive), when spec.dataset.format is unset.
+DATASET_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".npz": "npz",
+}
+_KNOWN_EXTENSION_CEL = " || ".join(f"self.uri.lowerAscii().endsWith('{ext}')" for ext in DATASET_EXTENSIONS)
+DatasetUri = Annotated[
+    str,
+    Field(min_length=1, max_length=1024),
+    Rules(
+        (
+            Check(
+                f"self.matches(r'{DATASET_URI_PATTERN}')",
+                lambda u: _DATASET_URI.fullmatch(u) is not None,
+                "{value} is not s3://<bucket>/<key> or pvc://<path relative to the artifact store root>",
+            ),
+            Check(
+                "!self.split('/').exists(s, s == '..')",
+                lambda u: ".." not in u.split("/"),
+                "{value} may not contain a '..' segment: the dataset must stay inside the artifact store",
+            ),
+        )
+    ),
+]
+TABLE_SOURCES = ("file", "uri")  # sources whose data is a table with named columns
+
+
+def dataset_format(uri: str) -> str | None:
+    """The format ``uri`` names by its extension (.csv/.tsv/.txt, .parquet/.pq, .npz), or None."""
+    lowered = uri.lower()
+    return next((fmt for ext, fmt in DATASET_EXTENSIONS.items() if lowered.endswith(ext)), None)
+
+
 class DatasetSpec(ApiModel):
-    """Where the data comes from and how it is split. Nothing is downloaded at run time."""
+    """Where the data comes from and how it is split. An s3:// dataset is fetched from the NeuralCluster's S3
+    artifact store before training; nothing else is downloaded."""
 
     cel_rules: ClassVar[list[CelRule]] = [
         {
@@ -195,17 +243,62 @@ class DatasetSpec(ApiModel):
             "message": "validationFraction + testFraction must leave at least 10% for training",
         },
         {
-            "rule": "self.source == 'file' || !has(self.categoricalColumns)",
-            "message": "categoricalColumns needs source: file (a CSV with named columns)",
+            "rule": "self.source in ['file', 'uri'] || !has(self.categoricalColumns)",
+            "message": "categoricalColumns needs source: file or uri (a table with named columns)",
         },
         {
             "rule": "!has(self.categoricalColumns) || !(self.targetColumn in self.categoricalColumns)",
             "message": "targetColumn cannot be one of categoricalColumns",
         },
+        {
+            "rule": "self.source != 'uri' || has(self.uri)",
+            "message": "uri is required when source is uri",
+        },
+        {
+            "rule": "self.source == 'uri' || !has(self.uri)",
+            "message": "uri needs source: uri",
+        },
+        {
+            "rule": "self.source == 'uri' || !has(self.format)",
+            "message": "format needs source: uri (a file's path names its format by its extension)",
+        },
+        {
+            "rule": f"self.source != 'uri' || !has(self.uri) || has(self.format) || {_KNOWN_EXTENSION_CEL}",
+            "message": "uri has no known extension (.csv, .tsv, .txt, .parquet, .pq, .npz): set format to csv, "
+            "parquet or npz",
+        },
+        {
+            "rule": "self.source in ['file', 'uri'] || !has(self.featureColumns)",
+            "message": "featureColumns needs source: file or uri (a table with named columns)",
+        },
+        {
+            "rule": "self.source in ['file', 'uri'] || !has(self.timestampColumn)",
+            "message": "timestampColumn needs source: file or uri (a table with named columns)",
+        },
+        {
+            "rule": "!has(self.timestampColumn) || self.split == 'temporal'",
+            "message": "timestampColumn needs split: temporal (it orders the rows a temporal split cuts; a random "
+            "split does not use row order)",
+        },
+        {
+            "rule": "!has(self.featureColumns) || !(self.targetColumn in self.featureColumns)",
+            "message": "targetColumn cannot be one of featureColumns",
+        },
+        {
+            "rule": "!has(self.timestampColumn) || self.timestampColumn != self.targetColumn",
+            "message": "timestampColumn cannot be the targetColumn",
+        },
+        {
+            "rule": "!has(self.timestampColumn) || !has(self.featureColumns) || "
+            "!(self.timestampColumn in self.featureColumns)",
+            "message": "timestampColumn cannot be one of featureColumns: it orders the rows and is not a feature",
+        },
     ]
 
-    source: Literal["builtin", "synthetic", "file"] = Field(
-        default="builtin", description="builtin (scikit-learn's packaged data), synthetic, or a file."
+    source: Literal["builtin", "synthetic", "file", "uri"] = Field(
+        default="builtin",
+        description="builtin (scikit-learn's packaged data), synthetic, a file in the artifact store (path), or a "
+        "dataset by URI (uri).",
     )
     name: BuiltinDataset | None = Field(
         default=None, description="The builtin dataset (scikit-learn's packaged data; diabetes is regression)."
@@ -236,6 +329,30 @@ class DatasetSpec(ApiModel):
         description="A missing cell (empty, NaN, NA, n/a, null, none): error fails the job naming file, line and "
         "column; dropRows drops such rows and records how many.",
     )
+    uri: DatasetUri | None = Field(
+        default=None,
+        description="source: uri only. s3://<bucket>/<key> (the NeuralCluster's artifact store must be S3 with "
+        "this bucket: the object is downloaded before training) or pvc://<path relative to the artifact store "
+        "root> (no '..' segments).",
+    )
+    format: Literal["csv", "parquet", "npz"] | None = Field(
+        default=None,
+        description="source: uri only. csv, parquet or npz; unset: from the uri's extension (.csv/.tsv/.txt, "
+        ".parquet/.pq, .npz).",
+    )
+    feature_columns: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None,
+        max_length=1024,
+        description="The feature columns, in this order (source: file or uri, a CSV or Parquet table). Unset: every "
+        "column but targetColumn and timestampColumn, in file order. A name that is not a column fails the job.",
+    )
+    timestamp_column: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="split: temporal only (source: file or uri, a CSV or Parquet table): the rows are stably "
+        "sorted by this column (numbers, or ISO-8601 dates/times), ascending, before the split; it is not a feature.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
@@ -253,10 +370,35 @@ class DatasetSpec(ApiModel):
             )
         if self.validation_fraction + self.test_fraction >= 0.9:
             raise ValueError("validationFraction + testFraction must leave at least 10% for training")
-        if self.categorical_columns is not None and self.source != "file":
-            raise ValueError("categoricalColumns needs source: file (a CSV with named columns)")
+        if self.categorical_columns is not None and self.source not in TABLE_SOURCES:
+            raise ValueError("categoricalColumns needs source: file or uri (a table with named columns)")
         if self.categorical_columns is not None and self.target_column in self.categorical_columns:
             raise ValueError("targetColumn cannot be one of categoricalColumns")
+        if self.source == "uri" and self.uri is None:
+            raise ValueError("uri is required when source is uri")
+        if self.source != "uri" and self.uri is not None:
+            raise ValueError("uri needs source: uri")
+        if self.source != "uri" and self.format is not None:
+            raise ValueError("format needs source: uri (a file's path names its format by its extension)")
+        if self.uri is not None and self.format is None and dataset_format(self.uri) is None:
+            raise ValueError(
+                "uri has no known extension (.csv, .tsv, .txt, .parquet, .pq, .npz): set format to csv, parquet or npz"
+            )
+        if self.feature_columns is not None and self.source not in TABLE_SOURCES:
+            raise ValueError("featureColumns needs source: file or uri (a table with named columns)")
+        if self.timestamp_column is not None and self.source not in TABLE_SOURCES:
+            raise ValueError("timestampColumn needs source: file or uri (a table with named columns)")
+        if self.timestamp_column is not None and self.split != "temporal":
+            raise ValueError(
+                "timestampColumn needs split: temporal (it orders the rows a temporal split cuts; a random split "
+                "does not use row order)"
+            )
+        if self.feature_columns is not None and self.target_column in self.feature_columns:
+            raise ValueError("targetColumn cannot be one of featureColumns")
+        if self.timestamp_column is not None and self.timestamp_column == self.target_column:
+            raise ValueError("timestampColumn cannot be the targetColumn")
+        if self.timestamp_column is not None and self.timestamp_column in (self.feature_columns or []):
+            raise ValueError("timestampColumn cannot be one of featureColumns: it orders the rows and is not a feature")
         return self
 
 
@@ -526,6 +668,60 @@ class ExportSpec(ApiModel):
     )
 
 
+# One word of what torchrun runs: a script path, -m, a module name, or an argument of the user's code.
+TrainerWord = Annotated[str, Field(min_length=1, max_length=1024)]
+TrainerArg = Annotated[str, Field(max_length=4096)]
+TRAINER_COMMAND_MESSAGE = (
+    "trainer.command is what torchrun runs: a script path such as /opt/example/train_cnn.py, or -m and a module "
+    "such as [-m, mypkg.train]; it may not start with another option (torchrun's own options are the operator's)"
+)
+CUSTOM_TRAINER_MESSAGE = (
+    "model.architecture custom and trainer go together: set trainer (image, command) exactly when "
+    "model.architecture is custom"
+)
+CUSTOM_CROSS_VALIDATION_MESSAGE = (
+    "validation.crossValidation retrains the built-in architecture on each fold; it is not available with "
+    "trainer (model.architecture custom)"
+)
+
+
+class CustomTrainer(ApiModel):
+    """Your own training code (model.architecture custom): an image built FROM the trainer image and what torchrun
+    runs in it. The code uses flownexus_trainer.sdk for the data, progress, checkpoints and the exported model,
+    so the validation gate, the archive and serving work as for the built-in architectures."""
+
+    cel_rules: ClassVar[list[CelRule]] = [
+        {
+            "rule": "self.command[0] == '-m' ? size(self.command) >= 2 && !self.command[1].startsWith('-') "
+            ": !self.command[0].startsWith('-')",
+            "message": TRAINER_COMMAND_MESSAGE,
+        },
+    ]
+
+    image: ImageRef = Field(
+        description="Image of the training pods, built FROM the NeuralCluster's trainer image (e.g. "
+        "registry.example.com/team/custom-cnn:0.1.0). The validator and serving keep the cluster's images."
+    )
+    command: list[TrainerWord] = Field(
+        min_length=1,
+        max_length=64,
+        description="What torchrun runs in each process: a script path ([/opt/example/train_cnn.py]) or -m and a "
+        "module ([-m, mypkg.train]); it replaces -m flownexus_trainer.train.",
+    )
+    args: list[TrainerArg] | None = Field(
+        default=None, max_length=64, description="Arguments after command, passed to the script as they are."
+    )
+
+    @model_validator(mode="after")
+    def _runnable(self) -> CustomTrainer:
+        head = self.command[0]
+        if (head == "-m" and (len(self.command) < 2 or self.command[1].startswith("-"))) or (
+            head != "-m" and head.startswith("-")
+        ):
+            raise ValueError(TRAINER_COMMAND_MESSAGE)
+        return self
+
+
 class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob. Everything but runPolicy is fixed once the job exists."""
 
@@ -541,6 +737,11 @@ class TrainingJobSpec(ApiModel):
             "self.dataset.split != 'temporal'",
             "message": "validation.crossValidation shuffles rows into folds: it needs dataset.split random, not "
             "temporal (a fold would train on later rows and be scored on earlier ones)",
+        },
+        {"rule": "(self.model.architecture == 'custom') == has(self.trainer)", "message": CUSTOM_TRAINER_MESSAGE},
+        {
+            "rule": "!has(self.trainer) || !has(self.validation) || !has(self.validation.crossValidation)",
+            "message": CUSTOM_CROSS_VALIDATION_MESSAGE,
         },
     ]
 
@@ -574,7 +775,12 @@ class TrainingJobSpec(ApiModel):
         description="Name, version and export formats.",
         json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
     )
-
+    trainer: CustomTrainer | None = Field(
+        default=None,
+        description="Your own training code; required with model.architecture custom and only then. "
+        "See docs/BRING_YOUR_OWN_MODEL.md.",
+        json_schema_extra={"x-kubernetes-validations": [IMMUTABLE]},
+    )
 
     @model_validator(mode="after")
     def _a_row_per_process(self) -> TrainingJobSpec:
@@ -582,6 +788,10 @@ class TrainingJobSpec(ApiModel):
             raise ValueError(self.cel_rules[0]["message"])
         if self.validation.cross_validation is not None and self.dataset.split == "temporal":
             raise ValueError(self.cel_rules[1]["message"])
+        if (self.model.architecture == "custom") != (self.trainer is not None):
+            raise ValueError(CUSTOM_TRAINER_MESSAGE)
+        if self.trainer is not None and self.validation.cross_validation is not None:
+            raise ValueError(CUSTOM_CROSS_VALIDATION_MESSAGE)
         return self
 
 

@@ -21,6 +21,16 @@ from ..api.common import duration_seconds
 from ..api.modeldeployment import MONITORING_NAMESPACE, ModelDeploymentSpec, ServingTemplate, namespace_peer
 from ..api.neuralcluster import NeuralClusterSpec
 from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
+from ..store import (
+    ARTIFACT_ROOT,
+    artifacts_read_only,
+    artifacts_volume,
+    store_egress,
+    store_env,
+    store_mounts,
+    store_volumes,
+    with_store,
+)
 from . import pod
 
 Track = Literal["stable", "canary"]
@@ -30,7 +40,6 @@ MANAGEMENT_PORT = 8081  # 127.0.0.1 only
 METRICS_PORT = 8082
 # With token authorization on, TorchServe's own inference listener moves to loopback behind the auth proxy.
 UPSTREAM_INFERENCE_PORT = 8079
-ARTIFACT_ROOT = "/artifacts"
 TEMPLATE_DIR = "/etc/flownexus"
 SERVE_ROOT = "/srv/flownexus"
 MODEL_STORE = f"{SERVE_ROOT}/model-store"
@@ -46,6 +55,13 @@ VERSION_LABEL = "flownexus.io/version"
 CONFIG_HASH_ANNOTATION = "flownexus.io/config-hash"
 # On the Deployment itself (not its pod template, so that adding it rolls no pod): the serving template's digest.
 TEMPLATE_HASH_ANNOTATION = "flownexus.io/template-hash"
+# Smoke traffic (spec.rollout.smokeTraffic): one Job per canary step, sending to the canary's own Service.
+SMOKE_LABEL = "flownexus.io/smoke-traffic"  # on the smoke pods (never MD_LABEL: no Service, PDB or policy selects them)
+SMOKE_COMPONENT = "smoke-traffic"
+SMOKE_REVISION_ANNOTATION = "flownexus.io/revision"  # the canary revision a smoke Job was made for
+SMOKE_RUN_AS = 10001
+SMOKE_SLACK_S = 60  # activeDeadlineSeconds beyond the client's own duration (a hung client still ends)
+SMOKE_TTL_S = 300  # a finished smoke Job (and its log) stays this long unless its step ends first
 
 
 @dataclass(frozen=True)
@@ -54,7 +70,7 @@ class ServingContext(OwnedContext):
 
     spec: ModelDeploymentSpec
     cluster: NeuralClusterSpec
-    artifact_claim: str
+    artifact_claim: str | None  # None for an S3 store
 
     @property
     def model_name(self) -> str:
@@ -361,8 +377,14 @@ def _prepare_container(ctx: ServingContext, model: ServedModel) -> Manifest:
         "name": "fetch-model",
         "image": ctx.cluster.images.server,
         "imagePullPolicy": ctx.cluster.images.pull_policy,
-        "command": ["python", f"{TEMPLATE_DIR}/prepare.py", TEMPLATE_DIR],
+        # With an S3 store the archive is first downloaded into the pod's emptyDir (a storage initializer).
+        "command": with_store(
+            ctx.cluster,
+            ["python", f"{TEMPLATE_DIR}/prepare.py", TEMPLATE_DIR],
+            pull_files=[f"{model.archive}={ARTIFACT_ROOT}/{model.archive}"],
+        ),
         "env": [
+            *store_env(ctx.cluster),
             {"name": "FLOWNEXUS_ARCHIVE", "value": f"{ARTIFACT_ROOT}/{model.archive}"},
             {"name": "FLOWNEXUS_MODEL_NAME", "value": ctx.model_name},
             {"name": "FLOWNEXUS_MODEL_STORE", "value": MODEL_STORE},
@@ -370,7 +392,8 @@ def _prepare_container(ctx: ServingContext, model: ServedModel) -> Manifest:
         ],
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
         "volumeMounts": [
-            {"name": "artifacts", "mountPath": ARTIFACT_ROOT, "readOnly": True},
+            {"name": "artifacts", "mountPath": ARTIFACT_ROOT, "readOnly": artifacts_read_only(ctx.cluster)},
+            *store_mounts(ctx.cluster),
             {"name": "templates", "mountPath": TEMPLATE_DIR, "readOnly": True},
             {"name": "model-store", "mountPath": MODEL_STORE},
             {"name": "conf", "mountPath": CONF_DIR},
@@ -405,7 +428,8 @@ def build_deployment(
     if model.training_job:
         annotations["flownexus.io/trainingjob"] = model.training_job
     volumes: list[Manifest] = [
-        {"name": "artifacts", "persistentVolumeClaim": {"claimName": ctx.artifact_claim, "readOnly": True}},
+        artifacts_volume(ctx.cluster, ctx.artifact_claim, read_only=True),
+        *store_volumes(ctx.cluster),
         {"name": "templates", "configMap": {"name": config_map_name(ctx.name, track)}},
         {"name": "model-store", "emptyDir": {}},
         {"name": "conf", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
@@ -542,12 +566,16 @@ def build_pdb(ctx: ServingContext) -> Manifest:
 def network_policy_peers(ctx: ServingContext) -> tuple[list[Manifest], list[Manifest]]:
     """The peers admitted to the inference port and to the metrics port.
 
-    Inference: spec.serving.allowedFrom, or every pod of the ModelDeployment's namespace when unset or empty.
-    Metrics: spec.serving.metricsFrom, or every pod of the namespace named ``monitoring`` when unset or empty.
-    An empty ``from`` would admit every source, so neither list is ever empty.
+    Inference: spec.serving.allowedFrom, or every pod of the ModelDeployment's namespace when unset or empty;
+    with spec.rollout.smokeTraffic and an allowedFrom list, also this deployment's smoke pods (the default
+    admits them as pods of the namespace). Metrics: spec.serving.metricsFrom, or every pod of the namespace
+    named ``monitoring`` when unset or empty. An empty ``from`` would admit every source, so neither list is
+    ever empty.
     """
     serving = ctx.spec.serving
     inference = [p.to_wire() for p in serving.allowed_from or []] or [{"podSelector": {}}]
+    if serving.allowed_from and ctx.spec.rollout.smoke_traffic is not None:
+        inference.append({"podSelector": {"matchLabels": {SMOKE_LABEL: ctx.name}}})
     metrics = [p.to_wire() for p in serving.metrics_from or []] or [namespace_peer(MONITORING_NAMESPACE).to_wire()]
     return inference, metrics
 
@@ -555,8 +583,9 @@ def network_policy_peers(ctx: ServingContext) -> tuple[list[Manifest], list[Mani
 def build_network_policy(ctx: ServingContext) -> Manifest:
     """Ingress to the inference port from the admitted peers (default: the own namespace) and to the metrics
     port from the monitoring peers (default: namespace ``monitoring``); nothing else (the management API is on
-    loopback anyway). No egress at all: a serving pod starts from its init container's copy of the archive
-    and calls nothing (kubelet's exec probes and loopback do not leave the pod)."""
+    loopback anyway). No egress with a PVC store: a serving pod starts from its init container's copy of the
+    archive and calls nothing (kubelet's exec probes and loopback do not leave the pod). With an S3 store the init
+    container downloads the archive: egress to the endpoint's port and DNS only."""
     inference, metrics = network_policy_peers(ctx)
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -569,6 +598,119 @@ def build_network_policy(ctx: ServingContext) -> Manifest:
                 {"from": inference, "ports": [{"protocol": "TCP", "port": INFERENCE_PORT}]},
                 {"from": metrics, "ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
             ],
-            "egress": [],
+            "egress": store_egress(ctx.cluster),
+        },
+    }
+
+
+# ---- smoke traffic ----------------------------------------------------------------------------------
+
+
+def canary_service_name(name: str) -> str:
+    return f"{name}-canary"
+
+
+def smoke_job_name(name: str, step: int) -> str:
+    """``<md>-smoke-s<step>``: at most 50 + 8 + 2 characters (a Job's name is also its pods' label value)."""
+    return f"{name}-smoke-s{step}"
+
+
+def smoke_url(ctx: ServingContext) -> str:
+    host = f"{canary_service_name(ctx.name)}.{ctx.namespace}.svc"
+    return f"http://{host}:{INFERENCE_PORT}/predictions/{ctx.model_name}"
+
+
+def smoke_duration_s(spec: ModelDeploymentSpec) -> int:
+    """How long one step's smoke Job sends: the longest a step can last unpaused (its analysis slots until
+    noDataTimeout, then failedChecksBeforeRollback more, and the one that passes). A step that passes earlier
+    deletes its Job; a paused step has none."""
+    rollout = spec.rollout
+    interval = duration_seconds(rollout.interval)
+    return int(duration_seconds(rollout.no_data_timeout) + interval * (rollout.failed_checks_before_rollback + 1))
+
+
+def build_canary_service(ctx: ServingContext) -> Manifest:
+    """A ClusterIP Service of the canary track only (``<md>-canary``): the smoke Job's target, so that all of
+    its requests reach the pods under analysis instead of the step's share of them. It selects no pod while no
+    canary runs; the NetworkPolicy and the token guard the same inference port as through ``<md>``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(ctx.owner, canary_service_name(ctx.name), "server"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(ctx.name, "canary"),
+            "ports": [{"name": "http", "port": INFERENCE_PORT, "targetPort": "inference", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_smoke_job(ctx: ServingContext, canary_revision: str, step: int, duration_s: int) -> Manifest:
+    """The smoke Job of one canary step: ``pod/smoke.py`` POSTs spec.rollout.smokeTraffic.request to the canary
+    Service at requestsPerSecond for ``duration_s``, and logs the answers it counted. ``ctx`` is the canary's
+    (its template's server image and inference token). Pod Security ``restricted``, no API token, no
+    MD_LABEL on its pods (no Service, PDB or NetworkPolicy of the deployment selects them)."""
+    smoke = ctx.spec.rollout.smoke_traffic
+    assert smoke is not None, "build_smoke_job needs spec.rollout.smokeTraffic"
+    name = smoke_job_name(ctx.name, step)
+    meta = child_metadata(ctx.owner, name, SMOKE_COMPONENT, **{SMOKE_LABEL: ctx.name})
+    meta["annotations"] = {SMOKE_REVISION_ANNOTATION: canary_revision, "flownexus.io/step": str(step)}
+    pod_labels = {
+        "app.kubernetes.io/part-of": meta["labels"]["app.kubernetes.io/part-of"],
+        "app.kubernetes.io/component": SMOKE_COMPONENT,
+        SMOKE_LABEL: ctx.name,
+    }
+    env: list[Manifest] = [
+        {"name": "FLOWNEXUS_SMOKE_URL", "value": smoke_url(ctx)},
+        {"name": "FLOWNEXUS_SMOKE_RPS", "value": str(smoke.requests_per_second)},
+        {"name": "FLOWNEXUS_SMOKE_DURATION_S", "value": str(duration_s)},
+        {"name": "FLOWNEXUS_SMOKE_EXPECT_STATUS", "value": str(smoke.expect_status)},
+        {"name": "FLOWNEXUS_SMOKE_BODY", "value": smoke.request},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    container: Manifest = {
+        "name": "smoke",
+        "image": ctx.cluster.images.server,
+        "imagePullPolicy": ctx.cluster.images.pull_policy,
+        "command": ["python", "-c", pod.source("smoke")],
+        "env": env,
+        "resources": {"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}},
+        "securityContext": dict(_RESTRICTED),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    volumes: list[Manifest] = []
+    secret = ctx.spec.serving.inference_token_secret
+    if secret is not None:
+        env.append({"name": "FLOWNEXUS_TOKEN_FILE", "value": f"{TOKEN_DIR}/key"})
+        container["volumeMounts"] = [{"name": "inference-token", "mountPath": TOKEN_DIR, "readOnly": True}]
+        volumes.append(
+            {"name": "inference-token", "secret": {"secretName": secret, "items": [{"key": "key", "path": "key"}]}}
+        )
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": SMOKE_RUN_AS,
+            "runAsGroup": SMOKE_RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationGracePeriodSeconds": 5,
+        **pod_placement(ctx.cluster.serving),
+        "containers": [container],
+    }
+    if volumes:
+        pod_spec["volumes"] = volumes
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": 0,  # the client exits 0 whatever the answers; a crash is not retried within the step
+            "activeDeadlineSeconds": duration_s + SMOKE_SLACK_S,
+            "ttlSecondsAfterFinished": SMOKE_TTL_S,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }

@@ -150,6 +150,9 @@ class Plan:
     events: list[Event] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)  # for the CANARY_DECISIONS metric
     wanted_hash: str | None = None  # the digest of Observed.template
+    # spec.rollout.smokeTraffic: the canary step whose smoke Job should run now (None: no smoke Job at all; the
+    # reconciler creates this step's Job when missing and deletes every other one)
+    smoke_step: int | None = None
 
 
 def now_str(now: datetime) -> str:
@@ -300,10 +303,23 @@ def decide(spec: ModelDeploymentSpec, status: ModelDeploymentStatus, obs: Observ
     if obs.cluster_problem:
         _phase(plan, spec, st.phase or Phase.PENDING.value, "ClusterNotReady", obs.cluster_problem, generation)
         plan.route = "both" if st.canary is not None else "stable"
+        plan.smoke_step = smoke_step(spec, st)
         return plan  # a pending action waits for the cluster too
     _dispatch(spec, plan, obs, generation)
     _paused_condition(spec, plan, generation)
+    plan.smoke_step = smoke_step(spec, st)
     return plan
+
+
+def smoke_step(spec: ModelDeploymentSpec, status: ModelDeploymentStatus) -> int | None:
+    """The step whose smoke traffic runs: the canary's current step while it is analysed (spec.rollout.smokeTraffic
+    set, phase Canary, not paused); None otherwise, so that promotion, rollback, an abort or a pause end it."""
+    canary = status.canary
+    if spec.rollout.smoke_traffic is None or status.phase != Phase.CANARY.value or canary is None:
+        return None
+    if spec.rollout.paused or canary.paused_at is not None:
+        return None
+    return canary.step
 
 
 def pending_action(spec: ModelDeploymentSpec, status: ModelDeploymentStatus) -> RolloutAction | None:

@@ -9,7 +9,7 @@ canary to zero. A crash anywhere leaves a status from which the next pass conver
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Literal
@@ -36,23 +36,30 @@ from ..prometheus import (
 )
 from ..runtime.cache import Cache, controller_uid
 from ..runtime.controller import Action, Apply, Delete, Emit, Outcome, Patch, parse_spec
+from ..store import ARTIFACT_ROOT
 from .children import (
-    ARTIFACT_ROOT,
+    SMOKE_COMPONENT,
+    SMOKE_REVISION_ANNOTATION,
     TEMPLATE_HASH_ANNOTATION,
     VERSION_LABEL,
     ServedModel,
     ServingContext,
+    build_canary_service,
     build_config_map,
     build_deployment,
     build_hpa,
     build_network_policy,
     build_pdb,
     build_service,
+    build_smoke_job,
     config_hash,
     deployment_name,
     endpoint,
     pod_prefix,
     serving_template,
+    smoke_duration_s,
+    smoke_job_name,
+    smoke_url,
     with_template,
 )
 from .decide import (
@@ -227,8 +234,11 @@ def measure(provider: MetricsProvider | None, ctx: ServingContext, sel: CanarySe
 # ---- acting ------------------------------------------------------------------------------------------
 
 
-def actions(ctx: ServingContext, plan: Plan, obs: Observed) -> list[Action]:
-    """The plan as actions, in runbook order (the loop has already recorded the status)."""
+def actions(
+    ctx: ServingContext, plan: Plan, obs: Observed, smoke_jobs: Mapping[str, str | None] | None = None
+) -> list[Action]:
+    """The plan as actions, in runbook order (the loop has already recorded the status); ``smoke_jobs``: the
+    smoke Jobs of this deployment that exist, by name, with the canary revision each was made for."""
     st, name = plan.status, ctx.name
     out: list[Action] = []
     canary_name = deployment_name(name, "canary")
@@ -271,6 +281,37 @@ def actions(ctx: ServingContext, plan: Plan, obs: Observed) -> list[Action]:
     elif plan.canary_action == "delete" and obs.canary is not None:
         # Foreground: the Deployment stays (and the next canary waits) until its pods are gone.
         out.append(Delete("Deployment", canary_name, "Foreground"))
+    out += smoke_actions(ctx, plan, smoke_jobs or {})
+    return out
+
+
+def smoke_actions(ctx: ServingContext, plan: Plan, existing: Mapping[str, str | None]) -> list[Action]:
+    """spec.rollout.smokeTraffic: every smoke Job but the current step's goes (an earlier step's, a previous
+    canary's of the same name, all of them once the canary is promoted, rolled back, aborted or paused); the
+    current step's is created when missing (create_only: a Job's template is immutable), with the canary
+    Service it sends to and an Event, once per step."""
+    st, smoke = plan.status, ctx.spec.rollout.smoke_traffic
+    wanted: str | None = None
+    rev = ""
+    if plan.smoke_step is not None and smoke is not None and st.canary is not None:
+        wanted, rev = smoke_job_name(ctx.name, plan.smoke_step), st.canary.revision or st.canary.version
+    out: list[Action] = [
+        Delete("Job", name) for name, made_for in sorted(existing.items()) if name != wanted or made_for != rev
+    ]
+    if wanted is None or smoke is None or st.canary is None or plan.smoke_step is None:
+        return out
+    out.append(Apply(build_canary_service(ctx)))
+    if wanted in existing:
+        return out  # running (or one of another revision on its way out: the pass its deletion brings creates it)
+    canary_ctx = with_template(ctx, st.canary.template) if st.canary.template is not None else ctx
+    duration = smoke_duration_s(ctx.spec)
+    out.append(Apply(build_smoke_job(canary_ctx, rev, plan.smoke_step, duration), create_only=True))
+    steps = len(ctx.spec.rollout.steps)
+    message = (
+        f"canary {rev} step {plan.smoke_step + 1}/{steps}: Job {wanted} sends synthetic traffic "
+        f"({smoke.requests_per_second} requests/s, for at most {duration}s) to {smoke_url(ctx)}"
+    )
+    out.append(Emit("Normal", "SmokeTraffic", message))
     return out
 
 
@@ -302,6 +343,19 @@ class ModelDeploymentReconciler:
             return None  # a foreign Deployment of that name is reported by the loop, never read as ours
         return deployment_view(dep)
 
+    def _smoke_jobs(self, obj: Manifest) -> dict[str, str | None]:
+        """This deployment's smoke Jobs in the cache, by name, with the canary revision each was made for."""
+        uid = obj["metadata"]["uid"]
+
+        def ours(job: Manifest) -> bool:
+            labels = job["metadata"].get("labels") or {}
+            return labels.get("app.kubernetes.io/component") == SMOKE_COMPONENT and controller_uid(job) == uid
+
+        return {
+            job["metadata"]["name"]: (job["metadata"].get("annotations") or {}).get(SMOKE_REVISION_ANNOTATION)
+            for job in self.cache.list("Job", obj["metadata"]["namespace"], where=ours)
+        }
+
     def reconcile(self, obj: Manifest) -> Outcome:
         spec: ModelDeploymentSpec = parse_spec(ModelDeploymentSpec, obj)
         meta = obj["metadata"]
@@ -311,7 +365,7 @@ class ModelDeploymentReconciler:
         cluster = cluster_view(self.cache, ns, spec.cluster_ref.name)
         ctx = (
             ServingContext(owner=obj, spec=spec, cluster=cluster.spec, artifact_claim=cluster.claim)
-            if cluster.ready and cluster.spec is not None and cluster.claim is not None
+            if cluster.ready and cluster.spec is not None and (cluster.claim is not None or cluster.store is not None)
             else None
         )
         source, source_problem, final = resolve_source(spec, self.cache, ns)
@@ -340,7 +394,7 @@ class ModelDeploymentReconciler:
             CANARY_DECISIONS.labels(decision).inc()
         todo: list[Action] = [Emit(e.type, e.reason, e.message) for e in plan.events]
         if ctx is not None:
-            todo = actions(ctx, plan, observed)
+            todo = actions(ctx, plan, observed, self._smoke_jobs(obj))
         return Outcome(status=status_wire(plan.status), actions=todo, requeue_after=next_look(spec, plan, now))
 
 

@@ -25,9 +25,10 @@ class ClusterView:
     """What a TrainingJob or ModelDeployment needs of its NeuralCluster."""
 
     spec: NeuralClusterSpec | None
-    claim: str | None
+    claim: str | None  # the PVC of a PVC store; None for S3
     ready: bool
     problem: str  # why it is not ready ("" when ready)
+    store: str | None = None  # which store: s3://bucket/prefix or pvc/<claim> (ArtifactStore.describe)
 
 
 def cluster_view(cache: Cache, namespace: str, name: str) -> ClusterView:
@@ -40,9 +41,10 @@ def cluster_view(cache: Cache, namespace: str, name: str) -> ClusterView:
         problem = f"NeuralCluster {name} is invalid: " + "; ".join(format_validation_error(exc))
         return ClusterView(None, None, False, problem)
     claim = artifact_claim_name(name, spec)
+    store = spec.artifact_store.describe(name)
     if (nc.get("status") or {}).get("phase") != "Ready":
-        return ClusterView(spec, claim, False, f"NeuralCluster {name} is not Ready yet")
-    return ClusterView(spec, claim, True, "")
+        return ClusterView(spec, claim, False, f"NeuralCluster {name} is not Ready yet", store)
+    return ClusterView(spec, claim, True, "", store)
 
 
 class NeuralClusterReconciler:
@@ -62,9 +64,9 @@ class NeuralClusterReconciler:
         pvc = build_artifact_pvc(obj, spec)
         if pvc is not None:
             actions.append(Apply(pvc, create_only=True))  # a bound PVC's spec is immutable; never fight it
-        current = self.cache.get("PersistentVolumeClaim", namespace, claim)
+        current = self.cache.get("PersistentVolumeClaim", namespace, claim) if claim else None
         waiting_for = None
-        if pvc is None and current is None:
+        if claim is not None and pvc is None and current is None:
             waiting_for = f"PersistentVolumeClaim {claim} (spec.artifactStore.existingClaim) does not exist"
         elif current is not None and (current.get("status") or {}).get("phase") == "Lost":
             waiting_for = f"PersistentVolumeClaim {claim} is Lost"
@@ -75,12 +77,15 @@ class NeuralClusterReconciler:
         new = status.model_copy(deep=True)
         new.observed_generation = generation
         new.artifact_claim = claim
+        new.artifact_store = spec.artifact_store.describe(name)
         new.active_training_jobs = len(
             self.cache.list("TrainingJob", namespace, where=lambda o: on_cluster(o) and uses_capacity(o))
         )
         new.model_deployments = len(self.cache.list("ModelDeployment", namespace, where=on_cluster))
         new.phase = "Pending" if waiting_for else "Ready"
-        message = waiting_for or f"artifact store {claim} is available"
+        # An S3 store is not probed: the operator never reads its Secret; the pods report a refused key or a
+        # missing bucket, naming the URI, in the TrainingJob's condition.
+        message = waiting_for or f"artifact store {new.artifact_store} is available"
         new.conditions = set_condition(
             new.conditions, "Ready", waiting_for is None, "Waiting" if waiting_for else "ArtifactStoreReady", message,
             generation,

@@ -17,11 +17,19 @@ from ..api.modeldeployment import ServingSpec
 from ..api.neuralcluster import NeuralClusterSpec
 from ..api.trainingjob import ServedLatencySpec, TrainingJobSpec
 from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
+from ..store import (
+    ARTIFACT_ROOT,
+    artifacts_volume,
+    dataset_download,
+    store_env,
+    store_mounts,
+    store_volumes,
+    with_store,
+)
 
 MASTER_PORT = 29500
 CONFIG_DIR = "/etc/flownexus"
 CONFIG_ANNOTATION = "flownexus.io/trainer-config"
-ARTIFACT_ROOT = "/artifacts"
 # The trainer image's unprivileged user (trainer_image/Containerfile.trainer).
 TRAINER_UID = 10001
 # The validator's TorchServe scratch dir (an emptyDir), as SERVE_ROOT in a ModelDeployment's pods; the candidate
@@ -36,9 +44,11 @@ class TrainingContext(OwnedContext):
 
     spec: TrainingJobSpec
     cluster: NeuralClusterSpec
-    artifact_claim: str
+    artifact_claim: str | None  # None for an S3 store
     # What the validator learns about spec.validation.champion (see champion_paths); workers never get it.
     champion: dict[str, str] | None = None
+    # Which store (ArtifactStore.describe): a champion is only reachable in the same one.
+    store: str | None = None
 
     @property
     def run_dir(self) -> str:
@@ -87,8 +97,25 @@ def trainer_config(ctx: TrainingContext) -> dict[str, Any]:
         "distributed": {"backend": ctx.spec.distributed.backend},
         "validation": spec["validation"],
         "output": output,
-        "paths": {"artifactRoot": ARTIFACT_ROOT, "runDir": ctx.run_dir, **(ctx.champion or {})},
+        "paths": {"artifactRoot": ARTIFACT_ROOT, "runDir": ctx.run_dir, **_dataset_file(ctx), **(ctx.champion or {})},
     }
+
+
+def _dataset_file(ctx: TrainingContext) -> dict[str, str]:
+    """``paths.datasetFile``: where the store wrapper downloads the dataset to (S3 stores only)."""
+    local = dataset_download(ctx.spec.dataset, ctx.cluster)[1]
+    return {"datasetFile": local} if local else {}
+
+
+def _pulled_dataset(ctx: TrainingContext) -> list[str]:
+    pull = dataset_download(ctx.spec.dataset, ctx.cluster)[0]
+    return [pull] if pull else []
+
+
+def _champion_dir(ctx: TrainingContext) -> list[str]:
+    """The champion's run dir, which the validator scores (downloaded too with an S3 store)."""
+    run_dir = (ctx.champion or {}).get("championRunDir")
+    return [f"{ARTIFACT_ROOT}/{run_dir}"] if run_dir else []
 
 
 def resolve_served_latency(current: ServedLatencySpec, serving: Manifest | None) -> ServedLatencySpec:
@@ -111,7 +138,7 @@ def resolve_served_latency(current: ServedLatencySpec, serving: Manifest | None)
 
 
 def champion_paths(
-    name: str, deployment: Manifest | None, deployment_claim: str | None, own_claim: str
+    name: str, deployment: Manifest | None, deployment_store: str | None, own_store: str | None
 ) -> dict[str, str]:
     """Where the validator finds the model that ModelDeployment ``name`` serves now (``paths.champion*``).
 
@@ -125,10 +152,10 @@ def champion_paths(
     archive = stable.get("archive")
     if not archive:
         return {"championAbsent": f"ModelDeployment {name} serves no model yet"}
-    if deployment_claim != own_claim:
+    if deployment_store != own_store:
         return {
             "championError": f"ModelDeployment {name} keeps its models in another artifact store "
-            f"(claim {deployment_claim}, this job uses {own_claim})"
+            f"({deployment_store}, this job uses {own_store})"
         }
     parts = str(archive).strip("/").split("/")
     if len(parts) < 3 or parts[-2] != "model-store" or ".." in parts:
@@ -201,7 +228,8 @@ def _resources(ctx: TrainingContext) -> Manifest:
 
 def _volumes(ctx: TrainingContext) -> tuple[list[Manifest], list[Manifest]]:
     volumes: list[Manifest] = [
-        {"name": "artifacts", "persistentVolumeClaim": {"claimName": ctx.artifact_claim}},
+        artifacts_volume(ctx.cluster, ctx.artifact_claim),
+        *store_volumes(ctx.cluster),
         {
             "name": "config",
             "downwardAPI": {
@@ -217,6 +245,7 @@ def _volumes(ctx: TrainingContext) -> tuple[list[Manifest], list[Manifest]]:
         {"name": "artifacts", "mountPath": ARTIFACT_ROOT},
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        *store_mounts(ctx.cluster),
     ]
     return volumes, mounts
 
@@ -240,6 +269,7 @@ def _base_env(ctx: TrainingContext) -> list[Manifest]:
         {"name": "FLOWNEXUS_CONFIG", "value": f"{CONFIG_DIR}/config.json"},
         {"name": "FLOWNEXUS_IMAGE", "value": ctx.cluster.images.trainer},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *store_env(ctx.cluster),
     ]
 
 
@@ -260,8 +290,12 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
         f"--master-addr={master_addr(ctx.name, attempt)}",
         f"--master-port={MASTER_PORT}",
         "--max-restarts=0",
-        "-m",
-        "flownexus_trainer.train",
+        # spec.trainer (model.architecture custom): the user's script or module, in the user's image.
+        *(
+            [*ctx.spec.trainer.command, *(ctx.spec.trainer.args or [])]
+            if ctx.spec.trainer is not None
+            else ["-m", "flownexus_trainer.train"]
+        ),
     ]
     env = [
         *_base_env(ctx),
@@ -289,9 +323,18 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
                 "containers": [
                     {
                         "name": "trainer",
-                        "image": ctx.cluster.images.trainer,
+                        "image": ctx.spec.trainer.image if ctx.spec.trainer is not None else ctx.cluster.images.trainer,
                         "imagePullPolicy": ctx.cluster.images.pull_policy,
-                        "command": torchrun,
+                        # With an S3 store: pull the run dir (checkpoints to resume from) and the dataset; the
+                        # pod of index 0 (rank 0 writes) pushes the run dir while training and at the end.
+                        "command": with_store(
+                            ctx.cluster,
+                            torchrun,
+                            pull=[ctx.run_dir],
+                            pull_files=_pulled_dataset(ctx),
+                            push=[ctx.run_dir],
+                            push_when_env="JOB_COMPLETION_INDEX=0",
+                        ),
                         "env": env,
                         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
                         "resources": _resources(ctx),
@@ -342,7 +385,7 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
         {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
     ]
     server_mounts = [
-        *(m for m in mounts if m["name"] in ("artifacts", "config")),
+        *(m for m in mounts if m["name"] in ("artifacts", "config", "store-ca")),
         {"name": "serve", "mountPath": SERVE_ROOT},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
@@ -366,7 +409,13 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
                             "name": "validate",
                             "image": ctx.cluster.images.trainer,
                             "imagePullPolicy": ctx.cluster.images.pull_policy,
-                            "command": ["python", "-m", "flownexus_trainer.candidate"],
+                            "command": with_store(
+                                ctx.cluster,
+                                ["python", "-m", "flownexus_trainer.candidate"],
+                                pull=[ctx.run_dir, *_champion_dir(ctx)],
+                                pull_files=_pulled_dataset(ctx),
+                                push=[ctx.run_dir],
+                            ),
                             "env": [
                                 *_base_env(ctx),
                                 {"name": "OMP_NUM_THREADS", "value": "1"},
@@ -383,9 +432,14 @@ def build_validator_job(ctx: TrainingContext) -> Manifest:
                             "name": "served-latency",
                             "image": ctx.cluster.images.server,
                             "imagePullPolicy": ctx.cluster.images.pull_policy,
-                            "command": ["python", "-m", "flownexus_trainer.served_latency", "--work-dir", SERVE_ROOT],
+                            "command": with_store(
+                                ctx.cluster,
+                                ["python", "-m", "flownexus_trainer.served_latency", "--work-dir", SERVE_ROOT],
+                                pull=[ctx.run_dir],
+                                push=[ctx.run_dir],
+                            ),
                             "workingDir": SERVE_ROOT,
-                            "env": _serving_env(),
+                            "env": [*_serving_env(), *store_env(ctx.cluster)],
                             "resources": serving_resources,
                             "volumeMounts": server_mounts,
                             "securityContext": {**_container_security(), "readOnlyRootFilesystem": True},

@@ -103,6 +103,9 @@ class Observed:
     # A failed attempt's own words (a worker's termination message), and whether a restart could help.
     worker_error: str = ""
     worker_retryable: bool = True
+    # The spec asks for something the NeuralCluster's store cannot give (a dataset URI in another bucket or kind
+    # of store): both are immutable, so the job fails before it starts.
+    store_problem: str = ""
 
 
 @dataclass
@@ -269,6 +272,8 @@ def _pods_refused(plan: Plan, obs: Observed, who: str, generation: int | None) -
 def _admit(spec: TrainingJobSpec, plan: Plan, obs: Observed, generation: int | None) -> Plan:
     """Before the first attempt: suspended, cluster not ready, too many workers, or waiting in the queue."""
     st = plan.status
+    if obs.store_problem:
+        return _fail(plan, "InvalidDataset", obs.store_problem, generation)
     if spec.run_policy.suspend:
         _phase(plan, "Suspended", "Suspended", "spec.runPolicy.suspend is true; nothing started", generation)
         return plan

@@ -16,6 +16,7 @@ from ..neuralcluster.reconciler import ClusterView, cluster_view
 from ..runtime.cache import Cache, controller_uid
 from ..runtime.client import Client
 from ..runtime.controller import Action, Apply, Delete, Emit, Outcome, Patch, parse_spec
+from ..store import dataset_problem
 from .children import (
     TrainingContext,
     build_service,
@@ -108,8 +109,10 @@ class TrainingJobReconciler:
         namespace = meta["namespace"]
         cluster = cluster_view(self.cache, namespace, spec.cluster_ref.name)
         ctx = (
-            TrainingContext(owner=obj, spec=spec, cluster=cluster.spec, artifact_claim=cluster.claim)
-            if cluster.spec is not None and cluster.claim is not None
+            TrainingContext(
+                owner=obj, spec=spec, cluster=cluster.spec, artifact_claim=cluster.claim, store=cluster.store
+            )
+            if cluster.spec is not None and (cluster.claim is not None or cluster.store is not None)
             else None
         )
         observed = self.observe(obj, spec, status, cluster)
@@ -150,6 +153,7 @@ class TrainingJobReconciler:
         return Observed(
             cluster_ready=cluster.ready,
             cluster_problem=cluster.problem,
+            store_problem=(dataset_problem(spec.dataset, cluster.spec) or "") if cluster.spec is not None else "",
             queue_position=position,
             max_workers=limits.max_workers_per_job if limits is not None else 1 << 30,
             worker_job=w_state,
@@ -255,7 +259,6 @@ class TrainingJobReconciler:
             out.append(Delete(KIND, name))
         return out
 
-
     def _validator_context(self, ctx: TrainingContext) -> TrainingContext:
         """The validator's context, resolved from the cache at the moment it starts: where the model of
         spec.validation.champion's ModelDeployment lies, and the serving settings the latency gate uses."""
@@ -263,11 +266,11 @@ class TrainingJobReconciler:
         md = self.cache.get("ModelDeployment", ctx.namespace, champion.model_deployment) if champion else None
         paths = None
         if champion is not None:
-            md_claim = None
+            md_store = None
             if md is not None:
                 cluster_ref = ((md.get("spec") or {}).get("clusterRef") or {}).get("name", "")
-                md_claim = cluster_view(self.cache, ctx.namespace, cluster_ref).claim
-            paths = champion_paths(champion.model_deployment, md, md_claim, ctx.artifact_claim)
+                md_store = cluster_view(self.cache, ctx.namespace, cluster_ref).store
+            paths = champion_paths(champion.model_deployment, md, md_store, ctx.store)
         serving = (md.get("spec") or {}).get("serving") if md is not None else None
         served = resolve_served_latency(ctx.spec.validation.served_latency, serving)
         validation = ctx.spec.validation.model_copy(update={"served_latency": served})
