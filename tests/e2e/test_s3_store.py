@@ -21,7 +21,7 @@ import pytest
 
 from tests.e2e.conftest import REPO, Cluster, wait_until
 from tests.e2e.s3 import S3Store
-from tests.e2e.test_trainingjob import TRAIN_TIMEOUT_S, example, tj_status, wait_phase
+from tests.e2e.test_trainingjob import TRAIN_TIMEOUT_S, delete_a_worker_after_a_checkpoint, example, wait_phase
 
 pytestmark = pytest.mark.e2e
 
@@ -102,26 +102,8 @@ def test_parquet_from_the_bucket_trains_resumes_from_the_bucket_after_a_worker_l
         )
     )
 
-    def checkpointed() -> bool:
-        st = tj_status(cluster, namespace, "digits")
-        return (st.get("latestCheckpoint") or {}).get("epoch", 0) >= 5 and st.get("attempt") == 1
-
-    wait_until("a checkpoint at epoch >= 5", checkpointed, TRAIN_TIMEOUT_S, interval=1)
-    checkpoint_epoch = tj_status(cluster, namespace, "digits")["latestCheckpoint"]["epoch"]
-    # The checkpoint reaches the bucket within the wrapper's push interval (2 s).
-    with s3_store.port_forward() as address:
-        wait_until(
-            "a checkpoint object in the bucket",
-            lambda: any("/checkpoints/ckpt-epoch-" in k for k in objects(s3_store, address, prefix)),
-            30,
-        )
-    pods = cluster.get("-n", namespace, "pods", "-l", "job-name=digits-a1")["items"]
-    victim = next(
-        p["metadata"]["name"]
-        for p in pods
-        if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
-    )
-    cluster.kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
+    # The new attempt's pods start with empty emptyDirs: what they resume from can only come from the bucket.
+    checkpoint_epoch = delete_a_worker_after_a_checkpoint(cluster, namespace, "digits")
     status = wait_phase(cluster, namespace, "digits", {"Succeeded", "Failed"}, TRAIN_TIMEOUT_S)
     took = time.monotonic() - started
     print(f"\n[figure] S3 digits TrainingJob (parquet, a worker lost) apply -> Succeeded: {took:.0f} s")
@@ -136,6 +118,7 @@ def test_parquet_from_the_bucket_trains_resumes_from_the_bucket_after_a_worker_l
         run_key = prefix + "/" + status["artifacts"]["metrics"].removeprefix("/artifacts/").rsplit("/", 1)[0]
         for name in ("metrics.jsonl", "report.md", "metadata.json"):
             assert f"{run_key}/{name}" in stored, sorted(stored)
+        assert any(k.startswith(f"{run_key}/checkpoints/ckpt-epoch-") for k in stored), sorted(stored)
         archive = prefix + "/" + status["artifacts"]["modelArchive"].removeprefix("/artifacts/")
         assert stored.get(archive, 0) > 0, (archive, sorted(stored))
         lines = read(s3_store, address, f"{run_key}/metrics.jsonl").decode().splitlines()

@@ -76,6 +76,25 @@ def start_cluster(cluster: Cluster, namespace: str, image: str) -> None:
     )
 
 
+def delete_a_worker_after_a_checkpoint(cluster: Cluster, namespace: str, name: str) -> int:
+    """Wait for a checkpoint at epoch >= 5 of attempt 1, then delete the worker of index 1; the checkpoint's epoch."""
+
+    def checkpointed() -> bool:
+        st = tj_status(cluster, namespace, name)
+        return (st.get("latestCheckpoint") or {}).get("epoch", 0) >= 5 and st.get("attempt") == 1
+
+    wait_until("a checkpoint at epoch >= 5", checkpointed, TRAIN_TIMEOUT_S, interval=1)
+    epoch: int = tj_status(cluster, namespace, name)["latestCheckpoint"]["epoch"]
+    pods = cluster.get("-n", namespace, "pods", "-l", f"job-name={name}-a1")["items"]
+    victim = next(
+        p["metadata"]["name"]
+        for p in pods
+        if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
+    )
+    cluster.kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
+    return epoch
+
+
 def test_digits_trains_with_two_workers_and_passes_the_gate(
     cluster: Cluster, namespace: str, operator: int, trainer_image: str, server_image: str
 ) -> None:
@@ -129,20 +148,7 @@ def test_deleted_worker_restarts_the_gang_from_the_checkpoint(
         },
     )
     cluster.apply(tj)
-
-    def checkpointed() -> bool:
-        st = tj_status(cluster, namespace, "digits")
-        return (st.get("latestCheckpoint") or {}).get("epoch", 0) >= 5 and st.get("attempt") == 1
-
-    wait_until("a checkpoint at epoch >= 5", checkpointed, TRAIN_TIMEOUT_S, interval=1)
-    checkpoint_epoch = tj_status(cluster, namespace, "digits")["latestCheckpoint"]["epoch"]
-    pods = cluster.get("-n", namespace, "pods", "-l", "job-name=digits-a1")["items"]
-    victim = next(
-        p["metadata"]["name"]
-        for p in pods
-        if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
-    )
-    cluster.kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
+    checkpoint_epoch = delete_a_worker_after_a_checkpoint(cluster, namespace, "digits")
     status = wait_phase(cluster, namespace, "digits", {"Succeeded", "Failed"}, TRAIN_TIMEOUT_S)
     assert status["attempt"] == 2, status
     assert status["phase"] == "Succeeded", status

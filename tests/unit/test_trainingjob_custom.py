@@ -82,9 +82,13 @@ def test_a_custom_trainer_runs_its_command_and_args_in_its_image_under_the_same_
     # The same torchrun options (gang size, node rank, rendezvous, no elastic restarts); only what it runs changes.
     assert torchrun(custom) == torchrun(builtin)[:-2] + tail
     assert torchrun(builtin)[-2:] == ["-m", "flownexus_trainer.train"]
-    # Everything else in the pod is the built-in trainer's: env, mounts, security, resources.
-    same = {k: v for k, v in trainer_container(builtin).items() if k not in ("image", "command")}
-    assert {k: v for k, v in trainer_container(custom).items() if k not in ("image", "command")} == same
+
+    # Everything else in the pod is the built-in trainer's: env (but the image it names), mounts, security, resources.
+    def rest(job: dict[str, Any]) -> dict[str, Any]:
+        c = {k: v for k, v in trainer_container(job).items() if k not in ("image", "command")}
+        return {**c, "env": [e for e in c["env"] if e["name"] != "FLOWNEXUS_IMAGE"]}
+
+    assert rest(custom) == rest(builtin)
 
 
 def test_a_builtin_architecture_keeps_the_clusters_trainer_image() -> None:
@@ -161,3 +165,16 @@ def test_the_custom_cnn_example_is_a_valid_trainingjob() -> None:
     assert spec.model.architecture == "custom" and spec.trainer is not None
     assert spec.trainer.command == ["/opt/example/train_cnn.py"]
     assert spec.distributed.workers == 2 and spec.dataset.name == "digits"
+
+
+def test_the_lineage_names_the_image_that_trained_the_model_for_workers_and_validator() -> None:
+    """metadata.json's ``image`` comes from FLOWNEXUS_IMAGE: for a custom trainer, the user's image."""
+    c = ctx(**CUSTOM)
+
+    def env(container: dict[str, Any]) -> dict[str, Any]:
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    validator = build_validator_job(c)["spec"]["template"]["spec"]["initContainers"][0]
+    assert env(trainer_container(build_worker_job(c, 1)))["FLOWNEXUS_IMAGE"] == IMAGE
+    assert env(validator)["FLOWNEXUS_IMAGE"] == IMAGE
+    assert validator["image"] == c.cluster.images.trainer  # the validator itself stays on the cluster's image

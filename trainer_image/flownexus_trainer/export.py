@@ -155,18 +155,16 @@ class Preprocessing:
         return (np.asarray(standardized, np.float64) * self.target_std + self.target_mean).astype(np.float32)
 
 
-class RawInputModel(nn.Module):
-    """Raw features in; standardize, run the network, and (regression) return the target in its own units.
+class _Standardization(nn.Module):
+    """The input standardization and (regression) the target's scale, as frozen parameters of a module.
 
-    Classification outputs stay logits (``out_scale`` 1, ``out_shift`` 0).
+    Frozen parameters rather than buffers: TorchScript cannot read class-level buffer annotations under postponed
+    evaluation, and without them mypy cannot type the attributes. Classification keeps logits (scale 1, shift 0).
     """
 
-    def __init__(self, net: nn.Module, prep: Preprocessing) -> None:
+    def __init__(self, prep: Preprocessing) -> None:
         super().__init__()
-        self.net = net
 
-        # Frozen parameters rather than buffers: TorchScript cannot read class-level buffer annotations
-        # under postponed evaluation, and without them mypy cannot type the attributes.
         def frozen(value: list[float] | float) -> nn.Parameter:
             return nn.Parameter(torch.tensor(value, dtype=torch.float32), requires_grad=False)
 
@@ -175,28 +173,27 @@ class RawInputModel(nn.Module):
         scale, shift = (prep.target_std, prep.target_mean) if prep.regression else (1.0, 0.0)
         self.out_scale = frozen(scale)
         self.out_shift = frozen(shift)
+
+
+class RawInputModel(_Standardization):
+    """Raw features in; standardize, run the network, and (regression) return the target in its own units."""
+
+    def __init__(self, net: nn.Module, prep: Preprocessing) -> None:
+        super().__init__(prep)
+        self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net((x - self.mean) / self.std)
         return out * self.out_scale + self.out_shift
 
 
-class StandardizedInput(nn.Module):
+class StandardizedInput(_Standardization):
     """A custom trainer's raw-feature TorchScript model seen as a built-in network: standardized rows in, logits or
     standardized targets out, so the validator measures it with the same code. ``raw`` is the loaded graph."""
 
     def __init__(self, raw: nn.Module, prep: Preprocessing) -> None:
-        super().__init__()
+        super().__init__(prep)
         self.raw = raw
-
-        def frozen(value: list[float] | float) -> nn.Parameter:
-            return nn.Parameter(torch.tensor(value, dtype=torch.float32), requires_grad=False)
-
-        self.mean = frozen(prep.mean)
-        self.std = frozen(prep.std)
-        scale, shift = (prep.target_std, prep.target_mean) if prep.regression else (1.0, 0.0)
-        self.out_scale = frozen(scale)
-        self.out_shift = frozen(shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.raw(x * self.std + self.mean)

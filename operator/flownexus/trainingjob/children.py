@@ -62,6 +62,11 @@ class TrainingContext(OwnedContext):
         )
 
 
+def training_image(ctx: TrainingContext) -> str:
+    """The workers' image: ``spec.trainer.image`` for a custom trainer, else the cluster's trainer image."""
+    return ctx.spec.trainer.image if ctx.spec.trainer is not None else ctx.cluster.images.trainer
+
+
 def service_name(name: str) -> str:
     # Not the bare TrainingJob name: a ModelDeployment of the same name owns that Service name.
     return f"{name}-workers"
@@ -267,7 +272,8 @@ def _base_env(ctx: TrainingContext) -> list[Manifest]:
     return [
         *user,
         {"name": "FLOWNEXUS_CONFIG", "value": f"{CONFIG_DIR}/config.json"},
-        {"name": "FLOWNEXUS_IMAGE", "value": ctx.cluster.images.trainer},
+        # The image that trained the model (metadata.json's lineage): the user's own for a custom trainer.
+        {"name": "FLOWNEXUS_IMAGE", "value": training_image(ctx)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *store_env(ctx.cluster),
     ]
@@ -323,7 +329,7 @@ def build_worker_job(ctx: TrainingContext, attempt: int, active_deadline_seconds
                 "containers": [
                     {
                         "name": "trainer",
-                        "image": ctx.spec.trainer.image if ctx.spec.trainer is not None else ctx.cluster.images.trainer,
+                        "image": training_image(ctx),
                         "imagePullPolicy": ctx.cluster.images.pull_policy,
                         # With an S3 store: pull the run dir (checkpoints to resume from) and the dataset; the
                         # pod of index 0 (rank 0 writes) pushes the run dir while training and at the end.
