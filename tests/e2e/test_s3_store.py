@@ -98,6 +98,7 @@ def test_parquet_from_the_bucket_trains_resumes_from_the_bucket_after_a_worker_l
                 "training.checkpointEvery": 5,
                 "training.earlyStopping": {"enabled": False},
                 "validation.minAccuracy": 0.9,
+                "output.torchscript": True,
             },
         )
     )
@@ -119,6 +120,8 @@ def test_parquet_from_the_bucket_trains_resumes_from_the_bucket_after_a_worker_l
         for name in ("metrics.jsonl", "report.md", "metadata.json"):
             assert f"{run_key}/{name}" in stored, sorted(stored)
         assert any(k.startswith(f"{run_key}/checkpoints/ckpt-epoch-") for k in stored), sorted(stored)
+        for export in ("exports/model.torchscript.pt", "exports/schema.json"):
+            assert stored.get(f"{run_key}/{export}", 0) > 0, sorted(stored)
         archive = prefix + "/" + status["artifacts"]["modelArchive"].removeprefix("/artifacts/")
         assert stored.get(archive, 0) > 0, (archive, sorted(stored))
         lines = read(s3_store, address, f"{run_key}/metrics.jsonl").decode().splitlines()
