@@ -2,7 +2,8 @@
 
 TorchServe 0.12 runs on loopback with the operator's own ConfigMap (hardened ``config.properties``, the init
 container's ``prepare.py``; only paths and ports moved, as in tests/integration), one worker, and for each
-batching variant (batch 32 / 100 ms delay — the API default —, batch 32 / 5 ms, batch 1 = off) ``wrk`` posts one
+batching variant (batch 32 / 100 ms delay — the API default until issue 10 —, batch 32 / 5 ms — the default
+since —, batch 1 = off) ``wrk`` posts one
 digit per request at concurrency 1, 8 and 32 (HTTP/1.1 keep-alive, 2 threads). The raw figure is the same
 network's forward pass on one row in this process (one intra-op thread, like the server's worker), and the
 serving overhead is the ratio of the served p50 to it. ``wrk`` and TorchServe share the machine's cores.
@@ -75,6 +76,7 @@ end
 
 
 def train_archive(work: Path) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
     config = write_job_config(work, "digits", output={"modelName": "digits", "version": "1.0.0"})
     run_torchrun(config, work / "train.log")
     summary = run_validator(config, work / "termination-log")
