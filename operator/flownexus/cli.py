@@ -212,8 +212,8 @@ def md_row(obj: Manifest, now: datetime) -> list[str]:
     rollout = (obj.get("spec") or {}).get("rollout") or {}
     return [
         obj["metadata"]["name"],
-        _dash(st.stable.version if st.stable else None),
-        _dash(canary.version if canary else None),
+        _dash((st.stable.revision or st.stable.version) if st.stable else None),
+        _dash((canary.revision or canary.version) if canary else None),
         f"{canary.weight}%" if canary else "-",
         f"{canary.step + 1}/{_md_steps(obj)}" if canary else "-",
         _dash(st.phase),
@@ -271,7 +271,9 @@ def md_details(obj: Manifest) -> str:
     ]
     if st.stable is not None:
         s = st.stable
-        pairs.append(("Stable", f"{s.version}{_from(s.training_job)}, {_ready(s.ready_replicas, s.replicas)}"))
+        pairs.append(
+            ("Stable", f"{s.revision or s.version}{_from(s.training_job)}, {_ready(s.ready_replicas, s.replicas)}")
+        )
     if st.canary is not None:
         c = st.canary
         achieved = f" (achieved {c.achieved_weight:g}%)" if c.achieved_weight is not None else ""
@@ -279,7 +281,8 @@ def md_details(obj: Manifest) -> str:
         pairs.append(
             (
                 "Canary",
-                f"{c.version}{_from(c.training_job)}, step {c.step + 1}/{_md_steps(obj)} at {c.weight}%{achieved}, "
+                f"{c.revision or c.version}{_from(c.training_job)}, step {c.step + 1}/{_md_steps(obj)} at "
+                f"{c.weight}%{achieved}, "
                 f"{_ready(c.ready_replicas, c.replicas)}, failed checks {c.failed_checks}/{limit}",
             )
         )

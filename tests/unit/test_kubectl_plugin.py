@@ -190,6 +190,16 @@ def test_a_canary_row_shows_versions_weight_step_and_phase() -> None:
     assert md_row(obj, NOW) == ["digits", "1.0.0", "2.0.0", "50%", "2/3", "Canary", "AnalysisFailed", "yes", "60m"]
 
 
+def test_a_row_shows_each_tracks_revision_when_the_operator_recorded_one() -> None:
+    """Two templates of one version (a template canary) are told apart by version@templateHash."""
+    st = canary_status()
+    st["stable"]["revision"], st["canary"]["revision"] = "1.0.0@5c2fa2e", "1.0.0@0b1d2e3"
+    row = md_row(md_object(st), NOW)
+    assert row[1:3] == ["1.0.0@5c2fa2e", "1.0.0@0b1d2e3"]
+    fields = details(md_details(md_object(st)))
+    assert fields["Stable"].startswith("1.0.0@5c2fa2e") and fields["Canary"].startswith("1.0.0@0b1d2e3")
+
+
 def test_a_row_of_a_new_deployment_is_dashes() -> None:
     assert md_row(md_object(), NOW) == ["digits", "-", "-", "-", "-", "-", "-", "no", "60m"]
 
