@@ -50,13 +50,16 @@ def write_job_config(root: Path, run_name: str, **overrides: Any) -> Path:
     return path
 
 
-def start_torchrun(config: Path, log: Path, nproc: int = 2) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "flownexus_trainer.train", "--config", str(config),
-    ]  # fmt: skip
+def start_torchrun(
+    config: Path, log: Path, nproc: int = 2, program: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """torchrun on one node, as a worker pod runs it: the built-in trainer, or ``program`` (a custom trainer's
+    script and args, which finds the config through $FLOWNEXUS_CONFIG like in a pod)."""
+    target = program if program is not None else ["-m", "flownexus_trainer.train", "--config", str(config)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
+    env = {**subprocess_env(), "FLOWNEXUS_CONFIG": str(config)}
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -84,8 +87,8 @@ def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None
         _signal_group(proc.pid, signal.SIGKILL)  # stragglers that ignored a polite signal
 
 
-def run_torchrun(config: Path, log: Path, timeout: float = 240) -> None:
-    proc = start_torchrun(config, log)
+def run_torchrun(config: Path, log: Path, timeout: float = 240, program: list[str] | None = None) -> None:
+    proc = start_torchrun(config, log, program=program)
     try:
         rc = proc.wait(timeout=timeout)
     finally:

@@ -29,7 +29,7 @@ from flownexus_trainer.config import load_config
 from flownexus_trainer.data import load_splits
 from flownexus_trainer.validate import load_trained_model
 from tests.factories import neural_cluster
-from tests.integration.trainer.procs import kill_group, subprocess_env
+from tests.integration.trainer.procs import kill_group, run_torchrun, start_torchrun, subprocess_env
 
 pytestmark = pytest.mark.integration
 
@@ -68,20 +68,11 @@ def operator_config(root: Path, run_name: str) -> Path:
 
 def start_training(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """What the worker pods run, on one node: torchrun with spec.trainer.command in place of the built-in trainer."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-           str(SCRIPT)]  # fmt: skip
-    env = {**subprocess_env(), "FLOWNEXUS_CONFIG": str(config)}
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return start_torchrun(config, log, program=[str(SCRIPT)])
 
 
 def train(config: Path, log: Path, timeout: float = 300) -> None:
-    proc = start_training(config, log)
-    try:
-        rc = proc.wait(timeout=timeout)
-    finally:
-        kill_group(proc)
-    assert rc == 0, log.read_text()[-4000:]
+    run_torchrun(config, log, timeout, program=[str(SCRIPT)])
 
 
 def step(module: str, config: Path, termination_log: Path, *extra: str) -> tuple[int, dict[str, Any]]:
