@@ -27,6 +27,7 @@ import yaml
 from tests import prereq
 from tests.chart import OPERATOR_SA, chart_rbac
 from tests.e2e.s3 import s3_store  # noqa: F401  (a session fixture: SeaweedFS in the cluster)
+from tests.processes import stop
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_CLUSTER = REPO / "dev" / "cluster"
@@ -285,12 +286,7 @@ def operator(flownexus_crds: Cluster) -> Iterator[int]:
         wait_until("operator /healthz", healthy, 60)
         yield metrics_port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def run_down() -> subprocess.CompletedProcess[str]:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.processes import stop
+
 if TYPE_CHECKING:
     from minio import Minio
 
@@ -277,12 +279,7 @@ class S3Store:
             try:
                 yield _forwarded_address(proc, log, timeout)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop(proc, timeout=10)
 
     def minio(self, address: str, *, read_only: bool = False) -> Minio:
         """A minio client for a port-forwarded address, with the admin keys or the reader's."""

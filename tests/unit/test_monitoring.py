@@ -22,6 +22,7 @@ from monitoring import render
 
 from tests.e2e.monitoring_check import QueryRejected, queries_without_data, query, skipped_queries, variables
 from tests.prereq import missing
+from tests.processes import stop
 
 RULES = render.HERE / "rules" / "flownexus.rules.yaml"
 RULE_TESTS = sorted((render.HERE / "rules" / "tests").glob("*.yaml"))
@@ -65,12 +66,7 @@ def empty_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 

@@ -31,6 +31,7 @@ from flownexus.trainingjob.decide import JobState, Observed, decide
 from tests.e2e.monitoring_check import query as prometheus_query
 from tests.factories import neural_cluster, training_job
 from tests.prereq import missing
+from tests.processes import stop
 
 # ---- the phase and queue gauges --------------------------------------------------------------------------------
 
@@ -385,12 +386,7 @@ def test_new_operator_panels_have_data_from_a_real_prometheus_scraping_the_opera
             (finished_panel,) = [q for q in render.all_queries() if "TrainingJobs finished" in q.where]
             assert finished_panel.empty_reason  # no job may have finished: the e2e check skips it
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
             target.shutdown()
             target.server_close()
             thread.join(5)
