@@ -1,14 +1,19 @@
 """The p99 a client sees next to the p99 the canary analysis reads, in one run of the served digits model.
 
-The canary analysis reads p99 from the handler's own histogram ``flownexus_inference_latency_seconds`` (the time
-inside the handler: parse, forward, format); TorchServe's frontend, its queue and the batching delay are not in it.
-This bench serves the digits model as bench/serving_latency.py does (TorchServe 0.12 on loopback with the
-operator's ConfigMap, one worker; its ``TorchServe``, ``wrk`` and POST script are reused), with a real Prometheus
-(Debian's ``prometheus``) scraping the metrics port every second, as tests/integration does. For each batching
+The canary analysis reads p99 from the serving pod's edge: the proxy's histogram
+``flownexus_edge_request_duration_seconds`` (end of the request's headers to the last byte of the response:
+TorchServe's queue, batching delay and handler, and the proxy). Until then it read the handler's own histogram
+``flownexus_inference_latency_seconds`` (the time inside the handler: parse, forward, format), which this bench
+still shows as a column for comparison. This bench serves the digits model as bench/serving_latency.py does
+(TorchServe 0.12 on loopback with the operator's ConfigMap, one worker; its ``TorchServe``, ``wrk`` and POST
+script are reused) with the pod's edge proxy (the ConfigMap's ``auth_proxy.py``, no token) in front of it, as in
+a pod, and a real Prometheus (Debian's ``prometheus``) scraping the proxy's metrics port every second, as
+tests/integration does. For each batching
 variant and concurrency, ``wrk`` posts one digit per request for ``--seconds``; the client p50/p99 are wrk's latency
 distribution (the one ``--latency`` prints, read through the Lua ``done()``). After the run and one more scrape,
 Prometheus is asked, at the run's end and over a window of the run's length, the operator's exact
-``latency_p99_ms_query`` (the analysis p99), plus two frontend means from TorchServe's counters for context:
+``latency_p99_ms_query`` (the analysis p99, the edge's), the handler histogram's p99 with the same selector, plus
+two frontend means from TorchServe's counters for context:
 ``ts_inference_latency_microseconds`` / ``ts_inference_requests_total`` (the frontend's time per request) and
 ``ts_queue_latency_microseconds`` / ``ts_inference_requests_total`` (the time in the queue), and the handler's
 mean from the histogram's ``_sum`` / ``_count``.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -40,10 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "trainer_image")]
 
 from bench.serving_latency import DIGIT, WRK_SCRIPT, TorchServe, train_archive, wrk  # noqa: E402
-from tests.integration.trainer.procs import free_port, kill_group  # noqa: E402
+from tests.integration.trainer.procs import free_port, kill_group, subprocess_env  # noqa: E402
 
-from flownexus.modeldeployment.children import METRICS_PORT  # noqa: E402
+from flownexus.modeldeployment.children import INFERENCE_PORT, METRICS_PORT  # noqa: E402
 from flownexus.prometheus import (  # noqa: E402
+    HANDLER_LATENCY_HISTOGRAM,
     LATENCY_HISTOGRAM,
     REQUESTS_TOTAL,
     CanarySelector,
@@ -64,8 +71,58 @@ SCRAPE_S = 1
 MODEL = "digits"
 
 
+class EdgePod(TorchServe):
+    """bench/serving_latency.py's TorchServe with the pod's edge proxy in front, as a serving pod runs them: the
+    proxy listens on the ports the bench gave the inference and metrics listeners (``url``, ``ports``), and
+    forwards to TorchServe's loopback listeners wherever the rendered config.properties put them."""
+
+    def __init__(self, archive: Path, batch: int, delay: int, work: Path) -> None:
+        super().__init__(archive, batch, delay, work)
+        srv = work / "srv"
+        conf = srv / "conf" / "config.properties"
+        props = dict(line.split("=", 1) for line in conf.read_text().splitlines() if "=" in line)
+
+        def port(key: str) -> str:
+            match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)", props[key])
+            if match is None:
+                raise RuntimeError(f"{key}={props[key]} is not on loopback: the proxy cannot sit in front")
+            return match.group(1)
+
+        env = {
+            **subprocess_env(),
+            "FLOWNEXUS_PROXY_PORT": str(self.ports[INFERENCE_PORT]),
+            "FLOWNEXUS_METRICS_PORT": str(self.ports[METRICS_PORT]),
+            "FLOWNEXUS_UPSTREAM_PORT": port("inference_address"),
+            "FLOWNEXUS_UPSTREAM_METRICS_PORT": port("metrics_address"),
+            "FLOWNEXUS_CONF_FILE": str(conf),
+            "HOSTNAME": socket.gethostname(),  # TorchServe's Hostname label; the pod name in a cluster
+        }
+        self.proxy_log = open(work / "proxy.log", "wb")  # noqa: SIM115
+        cmd = [sys.executable, str(srv / "templates" / "auth_proxy.py")]
+        self.proxy = subprocess.Popen(
+            cmd, env=env, stdout=self.proxy_log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.ports[METRICS_PORT])) == 0:
+                    break
+            if time.monotonic() > deadline or self.proxy.poll() is not None:
+                self.close()
+                raise RuntimeError(f"the edge proxy did not start; see {work / 'proxy.log'}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        try:
+            if hasattr(self, "proxy"):
+                kill_group(self.proxy)
+                self.proxy_log.close()
+        finally:
+            super().close()
+
+
 class Prometheus:
-    """Prometheus on loopback scraping one TorchServe metrics port every second, in a scratch directory."""
+    """Prometheus on loopback scraping one serving pod's metrics port every second, in a scratch directory."""
 
     def __init__(self, metrics_port: int, work: Path) -> None:
         work.mkdir(parents=True)
@@ -109,7 +166,8 @@ class Row:
     variant: str
     connections: int
     client: dict[str, Any]
-    analysis_p99_ms: QueryResult
+    analysis_p99_ms: QueryResult  # the edge histogram's, as the analysis reads it
+    handler_p99_ms: QueryResult  # the handler histogram's, what the analysis read before
     handler_mean_ms: QueryResult
     frontend_mean_ms: QueryResult
     queue_mean_ms: QueryResult
@@ -121,15 +179,22 @@ def frontend_queries(sel: CanarySelector, window: str) -> dict[str, str]:
     handler = f'{{ModelName="{sel.model_name}",Hostname=~"{pods_regex(sel.pod_prefix)}"}}'
     requests = f"sum(rate({REQUESTS_TOTAL}{ts}[{window}]))"
     return {
-        "handler": f"sum(rate({LATENCY_HISTOGRAM}_sum{handler}[{window}])) "
-        f"/ sum(rate({LATENCY_HISTOGRAM}_count{handler}[{window}])) * 1000",
+        "handler": f"sum(rate({HANDLER_LATENCY_HISTOGRAM}_sum{handler}[{window}])) "
+        f"/ sum(rate({HANDLER_LATENCY_HISTOGRAM}_count{handler}[{window}])) * 1000",
         "frontend": f"sum(rate(ts_inference_latency_microseconds{ts}[{window}])) / {requests} / 1000",
         "queue": f"sum(rate(ts_queue_latency_microseconds{ts}[{window}])) / {requests} / 1000",
     }
 
 
+def handler_p99_query(sel: CanarySelector, window: str) -> str:
+    """The analysis' p99 query with the handler's histogram in place of the edge's (no status class there)."""
+    query = latency_p99_ms_query(sel, window).replace(LATENCY_HISTOGRAM, HANDLER_LATENCY_HISTOGRAM)
+    return query.replace(',code="2xx"', "")
+
+
 def measure(server: TorchServe, prom: Prometheus, script: Path, name: str, connections: int, seconds: int) -> Row:
-    """One wrk run, then the analysis' p99 and the frontend means over the run, evaluated at its end."""
+    """One wrk run, then the analysis' p99 (the edge's), the handler's p99 and the frontend means over the run,
+    evaluated at its end."""
     sel = CanarySelector(model_name=MODEL, pod_prefix=socket.gethostname()[:-1])
     client = wrk(server.url, connections, seconds, script)
     end = time.time()
@@ -137,7 +202,8 @@ def measure(server: TorchServe, prom: Prometheus, script: Path, name: str, conne
     window = f"{seconds}s"  # the run's length, in the analysis' rate(...[window]) form
     means = {key: prom.query_at(q, end) for key, q in frontend_queries(sel, window).items()}
     return Row(name, connections, client, prom.query_at(latency_p99_ms_query(sel, window), end),
-               means["handler"], means["frontend"], means["queue"])  # fmt: skip
+               prom.query_at(handler_p99_query(sel, window), end), means["handler"], means["frontend"],
+               means["queue"])  # fmt: skip
 
 
 def fmt(value: QueryResult, digits: int = 2) -> str:
@@ -160,7 +226,7 @@ def main() -> None:
         script = work / "post.lua"
         script.write_text(WRK_SCRIPT % json.dumps({"inputs": [DIGIT]}))
         for name, (batch, delay) in VARIANTS.items():
-            server = TorchServe(archive, batch, delay, work / f"ts-{batch}-{delay}")
+            server = EdgePod(archive, batch, delay, work / f"ts-{batch}-{delay}")
             try:
                 prom = Prometheus(server.ports[METRICS_PORT], work / f"prom-{batch}-{delay}")
                 try:
@@ -171,7 +237,8 @@ def main() -> None:
                         rows.append(row)
                         c = row.client
                         print(f"{name}, c={connections}: {c['rps']:.0f} req/s, client p50 {c['p50']:.2f} ms, "
-                              f"p99 {c['p99']:.2f} ms, analysis p99 {fmt(row.analysis_p99_ms)} ms, handler mean "
+                              f"p99 {c['p99']:.2f} ms, analysis p99 {fmt(row.analysis_p99_ms)} ms (edge), handler "
+                              f"p99 {fmt(row.handler_p99_ms)} ms, handler mean "
                               f"{fmt(row.handler_mean_ms, 3)} ms, frontend mean {fmt(row.frontend_mean_ms)} ms, "
                               f"queue mean {fmt(row.queue_mean_ms)} ms, errors {c['errors'] + c['non2xx']}",
                               flush=True)  # fmt: skip
@@ -180,14 +247,14 @@ def main() -> None:
             finally:
                 server.close()
     print()
-    print("| batching | concurrency | req/s | client p50 ms | client p99 ms | analysis p99 ms (handler) | "
-          "handler mean ms | frontend mean ms | queue mean ms | client p99 / analysis p99 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| batching | concurrency | req/s | client p50 ms | client p99 ms | analysis p99 ms (edge) | handler p99 ms "
+          "| handler mean ms | frontend mean ms | queue mean ms | client p99 / analysis p99 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         c, p99 = row.client, row.analysis_p99_ms
         ratio = "-" if isinstance(p99, NoData) or p99 == 0 else f"{c['p99'] / p99:.1f}x"
         print(f"| {row.variant} | {row.connections} | {c['rps']:.0f} | {c['p50']:.2f} | {c['p99']:.2f} | "
-              f"{fmt(p99)} | {fmt(row.handler_mean_ms, 3)} | {fmt(row.frontend_mean_ms)} | "
+              f"{fmt(p99)} | {fmt(row.handler_p99_ms)} | {fmt(row.handler_mean_ms, 3)} | {fmt(row.frontend_mean_ms)} | "
               f"{fmt(row.queue_mean_ms)} | {ratio} |")  # fmt: skip
 
 

@@ -14,9 +14,12 @@ empty result is legitimate (canary-only, no error ever answered, tabular models 
 ``--check`` writes nothing and fails when a file differs from what would be written (``make verify``).
 
 Labels the queries rely on: TorchServe's own (``ts_inference_requests_total{model_name,model_version,hostname}``,
-``Requests5XX{Level,Hostname}``, the handler's ``flownexus_inference_latency_seconds{ModelName,ModelVersion}``)
-and two target labels that the scrape job must set, ``namespace`` and ``pod`` (docs/MONITORING.md). Serving pods
-are named ``<modeldeployment>-<stable|canary>-<replicaset hash>-<id>``, which gives the track.
+``Requests5XX{Level,Hostname}``, the handler's ``flownexus_inference_latency_seconds{ModelName,ModelVersion}``),
+the serving pod's edge proxy's ``flownexus_edge_request_duration_seconds{ModelName,ModelVersion,Hostname,code}``
+(the latency a client sees: TorchServe's queue, batching delay and handler, and the proxy; scraped on the same
+metrics port as TorchServe's), and two target labels that the scrape job must set, ``namespace`` and ``pod``
+(docs/MONITORING.md). Serving pods are named ``<modeldeployment>-<stable|canary>-<replicaset hash>-<id>``, which
+gives the track.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ CHART_FILES = ROOT / "helm" / "flownexus" / "files"
 WINDOW = "5m"
 # Alert thresholds (the rule unit tests in monitoring/rules/tests/ are written against these).
 ERROR_RATIO_MAX = 0.05  # share of a stable track's inference requests answered 5xx
-LATENCY_P99_MAX_S = 1.0  # p99 of the handler's latency on the stable track
+LATENCY_P99_MAX_S = 1.0  # p99 of the edge latency (what clients see) of the stable track's answered requests
 RECONCILE_ERRORS_MAX = 2  # failed reconcile passes of one kind within 10 minutes
 RECONCILE_P99_MAX_S = 5.0
 TRAINING_QUEUE_STUCK_FOR = "30m"  # a NeuralCluster's queue of TrainingJobs never empty for this long
@@ -119,14 +122,19 @@ class Dashboard:
 
 REQUESTS = "ts_inference_requests_total"
 ERRORS = "Requests5XX"
-LATENCY = "flownexus_inference_latency_seconds"
+# The canary's p99 (flownexus/prometheus.py): the edge proxy's histogram, answered (2xx) requests only.
+LATENCY = "flownexus_edge_request_duration_seconds"
+ANSWERED = 'code="2xx"'
+HANDLER_LATENCY = "flownexus_inference_latency_seconds"  # the time inside the handler only, for comparison
 
 _requests_by_track = f"sum by (track) ({by_track(rate(REQUESTS, MD_PODS))})"
 _errors_by_track = f"sum by (track) ({by_track(rate(ERRORS, MD_PODS))})"
 
 
-def _latency_quantile(q: float, labels: str, selector: str = MD_PODS) -> str:
-    return f"histogram_quantile({q}, sum by ({labels}, le) ({by_track(rate(LATENCY + '_bucket', selector))}))"
+def _latency_quantile(q: float, labels: str, selector: str = MD_PODS, histogram: str = LATENCY) -> str:
+    if histogram == LATENCY:
+        selector = f"{selector},{ANSWERED}"
+    return f"histogram_quantile({q}, sum by ({labels}, le) ({by_track(rate(histogram + '_bucket', selector))}))"
 
 
 NO_CANARY = "no canary is running (only during a rollout)"
@@ -159,13 +167,17 @@ MODELDEPLOYMENT = Dashboard(
             f"The stable track alerts above {ERROR_RATIO_MAX:.0%}.",
         ),
         Panel(
-            "Latency p50 / p99 (handler) by track",
+            "Latency p50 / p99 (edge) by track",
             "s",
             (
                 Query(_latency_quantile(0.5, "track"), "p50 {{track}}"),
                 Query(_latency_quantile(0.99, "track"), "p99 {{track}}"),
+                Query(_latency_quantile(0.99, "track", histogram=HANDLER_LATENCY), "p99 handler {{track}}"),
             ),
-            "Time inside the handler (flownexus_inference_latency_seconds histogram), the canary gate's latency.",
+            "What clients see, the canary gate's latency: answered requests from the end of their headers to the "
+            "last byte of the response at the pod's edge (flownexus_edge_request_duration_seconds: TorchServe's "
+            "queue, batching delay and handler, and the proxy). For comparison, p99 inside the handler alone "
+            "(flownexus_inference_latency_seconds).",
         ),
         Panel(
             "Canary traffic share (observed)",
@@ -205,7 +217,7 @@ MODELDEPLOYMENT = Dashboard(
             "Latency p99 by model version",
             "s",
             (Query(_latency_quantile(0.99, "ModelVersion"), "{{ModelVersion}}"),),
-            "The handler's p99 per version of the model archive.",
+            "The edge p99 (what clients see) per version of the model archive.",
         ),
         Panel(
             "HTTP responses/s by class",
@@ -371,7 +383,10 @@ def _alert(
 _dep = "namespace, modeldeployment"
 _md_requests = f"sum by ({_dep}) ({by_deployment(rate(REQUESTS, STABLE_PODS))})"
 _md_errors = f"sum by ({_dep}) ({by_deployment(rate(ERRORS, STABLE_PODS))})"
-_md_p99 = f"histogram_quantile(0.99, sum by ({_dep}, le) ({by_deployment(rate(LATENCY + '_bucket', STABLE_PODS))}))"
+_md_p99 = (
+    f"histogram_quantile(0.99, sum by ({_dep}, le) "
+    f"({by_deployment(rate(LATENCY + '_bucket', f'{STABLE_PODS},{ANSWERED}'))}))"
+)
 _md = "ModelDeployment {{ $labels.namespace }}/{{ $labels.modeldeployment }}"
 _rollbacks = 'flownexus_canary_decisions_total{decision="rollback"}'
 _failed = f'{_finished}{{result="Failed"}}'
@@ -476,7 +491,8 @@ RULE_GROUPS: list[dict[str, Any]] = [
                 "10m",
                 "warning",
                 f"{_md} is slow",
-                f"p99 handler latency of the stable track of {_md} is {{{{ $value | humanizeDuration }}}} "
+                f"p99 latency clients see (at the pods' edge) on the stable track of {_md} is "
+                f"{{{{ $value | humanizeDuration }}}} "
                 f"(above {LATENCY_P99_MAX_S:g}s) for 10 minutes.",
             ),
         ],

@@ -30,6 +30,7 @@ from .config import (
 )
 
 OWNER_FILE = STATE_ROOTS[1] / "owner"
+PART_OF = "app.kubernetes.io/part-of"
 
 # Stop order: the reverse of start order, so nothing loses its upstream while it still runs.
 PROCESSES = [
@@ -289,6 +290,48 @@ def _apply(layout: Layout, objects: list[manifests.Obj]) -> None:
     kubectl(layout, "apply", "--server-side", "--force-conflicts", "-f", "-", input=manifests.as_list(objects))
 
 
+def _keda_tls(layout: Layout) -> dict[str, str]:
+    """A CA of KEDA's own and one cert (server and client auth) for the operator's gRPC service and the
+    adapter: the operator's gRPC server trusts every client cert of that CA, so not the cluster CA."""
+    sans = tuple(f"DNS:{name}" for name in manifests.keda_dns_names())
+    pki._new_ca(layout.pki, "keda-ca", "flownexus-keda-ca")
+    pki._issue(layout.pki, pki.Identity("keda", "keda", sans=sans, ca="keda-ca"))
+    return {
+        "ca.crt": (layout.pki / "keda-ca.crt").read_text(),
+        "tls.crt": (layout.pki / "keda.crt").read_text(),
+        "tls.key": (layout.pki / "keda.key").read_text(),
+    }
+
+
+def _keda_crds(layout: Layout) -> list[manifests.Obj]:
+    """The CRDs `build` copied from KEDA's module."""
+    return yaml_objects(layout.k8s("kubectl"), layout.bin_dir("keda") / build.KEDA_CRD_DIR)
+
+
+def yaml_objects(kubectl_binary: Path, path: Path) -> list[manifests.Obj]:
+    """The objects of a YAML file or directory as JSON, labelled like ours: no YAML library here, so kubectl
+    parses them (`label --local` needs no API server) and prints one JSON document per object."""
+    label = f"{PART_OF}=flownexus-dev-cluster"
+    result = subprocess.run(
+        [str(kubectl_binary), "label", "--local", "-o", "json", "-f", str(path), label], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"kubectl could not read {path}: {result.stderr.strip()}")
+    decoder, out, at = json.JSONDecoder(), result.stdout, 0
+    objects: list[manifests.Obj] = []
+    while True:
+        at = len(out) - len(out[at:].lstrip())  # the next document, after the whitespace between them
+        if at == len(out):
+            return objects
+        obj, at = decoder.raw_decode(out, at)
+        objects += obj["items"] if obj.get("kind") == "List" else [obj]
+
+
+def _external_metrics_served(layout: Layout) -> bool:
+    out = kubectl(layout, "get", "--raw", "/apis/external.metrics.k8s.io/v1beta1", check=False)
+    return '"groupVersion":"external.metrics.k8s.io/v1beta1"' in out.replace(" ", "")
+
+
 def _sync_fake_nodes(layout: Layout, cpu_nodes: int, gpu_nodes: int) -> None:
     wanted = manifests.fake_nodes(cpu_nodes, gpu_nodes)
     if wanted:
@@ -334,9 +377,12 @@ def up(layout: Layout, fake_nodes: int = 2, fake_gpu_nodes: int = 1, timeout: fl
     log("control plane up; building add-on images")
     coredns = images.build_binary_image(layout, "coredns", [layout.binary("coredns")])
     metrics = images.build_binary_image(layout, "metrics-server", [layout.binary("metrics-server")])
+    keda_operator = images.build_binary_image(layout, "keda-operator", [layout.binary("keda", "keda-operator")])
+    keda_adapter = images.build_binary_image(layout, "keda-adapter", [layout.binary("keda", "keda-adapter")])
     wait_for(f"node {NODE_NAME} Ready", lambda: _node_ready(layout), timeout, layout)
     _start_provisioner(layout)
     _apply(layout, manifests.coredns(coredns) + manifests.metrics_server(metrics) + manifests.default_storage_class())
+    _apply(layout, manifests.keda(keda_operator, keda_adapter, _keda_crds(layout), _keda_tls(layout)))
     procs.start(
         layout,
         "kwok",
@@ -356,6 +402,13 @@ def up(layout: Layout, fake_nodes: int = 2, fake_gpu_nodes: int = 1, timeout: fl
         kubectl(
             layout, "-n", "kube-system", "rollout", "status", f"deployment/{deployment}", f"--timeout={int(timeout)}s"
         )
+    for deployment in (manifests.KEDA_OPERATOR, manifests.KEDA_ADAPTER):
+        kubectl(
+            layout,
+            *("-n", manifests.KEDA_NAMESPACE, "rollout", "status", f"deployment/{deployment}"),
+            f"--timeout={int(timeout)}s",
+        )
+    wait_for("KEDA's external metrics API", lambda: _external_metrics_served(layout), timeout, layout)
     log(f"up in {time.monotonic() - started:.0f}s; export KUBECONFIG={layout.kubeconfig}")
 
 

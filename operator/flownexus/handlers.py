@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 
 from .meta import Manifest
+from .modeldeployment.keda import ApiScaledObjects
 from .modeldeployment.reconciler import ModelDeploymentReconciler
 from .neuralcluster.reconciler import NeuralClusterReconciler
 from .runtime.cache import Cache, controller_uid
@@ -143,7 +144,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         [
             NeuralClusterReconciler(cache),
             TrainingJobReconciler(client, cache, admission),
-            ModelDeploymentReconciler(cache),
+            ModelDeploymentReconciler(cache, scaled_objects=ApiScaledObjects(client)),
         ],
     )
     await asyncio.get_running_loop().run_in_executor(None, _prime, client, cache)

@@ -14,13 +14,17 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-# The TorchServe handler publishes this histogram (model_metrics_auto_detect=true exposes it on the metrics
-# port). Its unit is seconds because the frontend's Prometheus buckets are fixed (0.005 ... 10 s): in
-# milliseconds every request above 10 ms would land in +Inf and p99 could not be measured. TorchServe adds
-# the ``Hostname`` label to every backend metric.
-LATENCY_HISTOGRAM = "flownexus_inference_latency_seconds"
+# The canary's p99: the serving pod's edge proxy (modeldeployment/pod/auth_proxy.py) times every inference
+# request from the end of its headers to the last byte of its response, so the histogram holds what a client
+# sees: TorchServe's queue and batching delay, the handler, and the proxy. Labels as TorchServe's backend
+# metrics: ``ModelName``, ``ModelVersion`` (the archive's version), ``Hostname`` (the pod name), plus ``code``.
+LATENCY_HISTOGRAM = "flownexus_edge_request_duration_seconds"
 LATENCY_MODEL_LABEL = "ModelName"
 LATENCY_VERSION_LABEL = "ModelVersion"
+LATENCY_CODE_LABEL = "code"  # the status class: "2xx", "4xx", "5xx"
+# The handler's own histogram (the time inside the handler only; seconds, TorchServe's fixed buckets
+# 0.005 ... 10 s), no longer the canary's gate: the dashboards and bench/analysis_latency.py compare it.
+HANDLER_LATENCY_HISTOGRAM = "flownexus_inference_latency_seconds"
 # TorchServe frontend counters: requests per model (lowercase labels) and HTTP 5xx per host (no model label).
 REQUESTS_TOTAL = "ts_inference_requests_total"
 REQUESTS_5XX = "Requests5XX"
@@ -106,13 +110,18 @@ def error_rate_query(sel: CanarySelector, window: str) -> str:
 
 
 def latency_p99_ms_query(sel: CanarySelector, window: str) -> str:
-    """p99 latency of the canary in milliseconds from the handler's histogram buckets over ``window``."""
+    """p99 latency of the canary in milliseconds over ``window``, from the edge proxy's histogram buckets: the
+    latency its clients see for answered predictions (queue + batching delay + handler + proxy).
+
+    Only ``code="2xx"``: the proxy's own fast answers (401 to a scanner, 413, 503 at its in-flight cap) would
+    otherwise pull the quantile down; failures are the error-rate check's part."""
     pairs = [
         (LATENCY_MODEL_LABEL, "=", _escape(sel.model_name)),
         ("Hostname", "=~", _regex_escape(sel.pod_prefix) + ".+"),
     ]
     if sel.archive_version:
         pairs.append((LATENCY_VERSION_LABEL, "=", _escape(sel.archive_version)))
+    pairs.append((LATENCY_CODE_LABEL, "=", "2xx"))
     buckets = f"{LATENCY_HISTOGRAM}_bucket{_matchers(pairs)}"
     return f"histogram_quantile(0.99, sum by (le) {_live_rate(buckets, window, 'Hostname')}) * 1000"
 
@@ -191,3 +200,15 @@ def parse_response(body: dict[str, Any]) -> QueryResult:
     if math.isnan(value):
         return NoData("the query returned NaN (no requests in the window)")
     return value
+
+
+# The serving pod's edge proxy counts every request it answers, labelled ModelName, ModelVersion, Hostname (the
+# pod name) and code: unlike TorchServe's own counters it also sees requests the proxy answers itself.
+EDGE_REQUESTS_TOTAL = "flownexus_edge_requests_total"
+
+
+def stable_requests_per_second_query(model_name: str, pod_prefix: str, window: str = "1m") -> str:
+    """Requests per second the stable track's pods receive, summed over its pods (KEDA's prometheus trigger
+    with metricType AverageValue divides it by the replica count). ``pod_prefix`` is ``<md>-stable-``."""
+    matchers = _matchers([("ModelName", "=", _escape(model_name)), ("Hostname", "=~", pods_regex(pod_prefix))])
+    return f"sum(rate({EDGE_REQUESTS_TOTAL}{matchers}[{window}]))"

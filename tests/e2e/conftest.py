@@ -291,3 +291,7 @@ def operator(flownexus_crds: Cluster) -> Iterator[int]:
 
 def run_down() -> subprocess.CompletedProcess[str]:
     return _dev_cluster("down", timeout=300)
+
+
+# At the end: tests/e2e/prom.py imports this module's names.
+from tests.e2e.prom import prometheus  # noqa: E402,F401  (a session fixture: a real Prometheus)

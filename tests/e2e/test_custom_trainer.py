@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import REPO, Cluster, build_image, wait_until
-from tests.e2e.test_modeldeployment import prometheus  # noqa: F401  (a session fixture: a real Prometheus)
 from tests.e2e.test_s3_store import plugin
 from tests.e2e.test_trainingjob import TRAIN_TIMEOUT_S, example, wait_phase
 
@@ -42,7 +41,7 @@ def test_the_custom_cnn_trains_on_two_workers_passes_the_gate_and_a_smoke_tested
     trainer_image: str,
     server_image: str,
     custom_image: str,
-    prometheus: str,  # noqa: F811
+    prometheus: str,
 ) -> None:
     cluster.apply(example("neuralcluster.yaml", namespace, prometheusUrl=prometheus))
     wait_until(

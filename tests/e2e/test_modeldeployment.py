@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from flownexus.modeldeployment.children import canary_replicas
-from tests.e2e.conftest import REPO, SERVER_TAG, Cluster, _free_port, create_namespace, wait_until
+from tests.e2e.conftest import REPO, SERVER_TAG, Cluster, create_namespace, wait_until
 from tests.e2e.monitoring_check import queries_without_data, skipped_queries
+from tests.e2e.prom import http_status as _http_status
 from tests.e2e.test_trainingjob import artifact_dir, example
 from tests.integration.trainer.procs import run_torchrun, run_validator, write_job_config
 from tests.prereq import missing
@@ -49,10 +49,10 @@ pytestmark = pytest.mark.e2e
 MD = "digits"
 INTERVAL_S = 20  # rollout.interval
 FAILED_CHECKS = 2  # rollout.failedChecksBeforeRollback
-# Short, so that the rollback bound holds in the worst case: errors are visible to rate() two scrapes after the
-# first one; then at most one interval to the next analysis slot, one more for the second failed check, and the
-# operator's 10 s timer: 2 x 2 + 20 + 20 + 10 = 54 s <= 20 s x 2 + 20 s.
-SCRAPE_S = 2
+# Prometheus scrapes every SCRAPE_S = 2 s (tests/e2e/prom.py), so that the rollback bound holds in the worst case:
+# errors are visible to rate() two scrapes after the first one; then at most one interval to the next analysis
+# slot, one more for the second failed check, and the operator's 10 s timer: 2 x 2 + 20 + 20 + 10 = 54 s <= 20 s x 2
+# + 20 s.
 ROLLOUT_TIMEOUT_S = 420  # a TorchServe pod takes 20-60 s to load the model on two busy cores
 ARCHIVES = {  # relative to the artifact store root
     "1.0.0": "e2e/digits/1.0.0/digits.mar",
@@ -62,93 +62,6 @@ ARCHIVES = {  # relative to the artifact store root
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------
-
-
-def scrape_targets(cluster: Cluster) -> list[dict[str, Any]] | None:
-    """The pods a `kubernetes_sd_configs: [{role: pod}]` job with the usual annotation rules would scrape:
-    running, annotated `prometheus.io/scrape: "true"`, at `<podIP>:<prometheus.io/port>`; None on an API error."""
-    done = cluster.kubectl("get", "pods", "--all-namespaces", "-o", "json", check=False, timeout=30)
-    if done.returncode != 0:
-        return None
-    groups = []
-    for pod in json.loads(done.stdout)["items"]:
-        annotations = pod["metadata"].get("annotations") or {}
-        ip, port = pod.get("status", {}).get("podIP"), annotations.get("prometheus.io/port")
-        if annotations.get("prometheus.io/scrape") != "true" or not ip or not port:
-            continue
-        if pod["status"].get("phase") != "Running":
-            continue
-        labels = {"namespace": pod["metadata"]["namespace"], "pod": pod["metadata"]["name"]}
-        labels["__metrics_path__"] = annotations.get("prometheus.io/path", "/metrics")
-        groups.append({"targets": [f"{ip}:{port}"], "labels": labels})
-    return groups
-
-
-@pytest.fixture(scope="session")
-def prometheus(cluster: Cluster, operator: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prometheus on the host scraping every pod annotated `prometheus.io/scrape=true`; yields its URL.
-
-    Debian's prometheus 2.42 is built without Kubernetes service discovery ("field kubernetes_sd_configs not
-    found"), so a thread here does that discovery through the API server every 2 s (the same rules as the
-    annotation-driven job in docs/MODELDEPLOYMENT.md) and hands the targets to Prometheus by `file_sd_configs`.
-    """
-    binary = shutil.which("prometheus")
-    if binary is None:
-        missing("prometheus is not installed (apt-get install prometheus)")
-    work = tmp_path_factory.mktemp("prometheus")
-    targets = work / "targets.json"
-    targets.write_text("[]")
-    port = _free_port()
-    config = {
-        "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
-        "scrape_configs": [
-            {
-                "job_name": "flownexus-serving",
-                "scrape_interval": f"{SCRAPE_S}s",
-                "scrape_timeout": f"{SCRAPE_S}s",
-                "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "5s"}],
-            },
-            # The operator's own metrics (its dashboard and alerts read them).
-            {
-                "job_name": "flownexus-operator",
-                "scrape_interval": f"{SCRAPE_S}s",
-                "static_configs": [{"targets": [f"127.0.0.1:{operator}"]}],
-            },
-        ],
-    }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    stop = threading.Event()
-
-    def discover() -> None:
-        while not stop.is_set():
-            groups = scrape_targets(cluster)
-            if groups is not None:
-                (work / "targets.json.tmp").write_text(json.dumps(groups))
-                (work / "targets.json.tmp").replace(targets)
-            stop.wait(2)
-
-    discovery = threading.Thread(target=discover, daemon=True)
-    discovery.start()
-    log = open(work / "prometheus.log", "wb")  # noqa: SIM115 (closed after the process)
-    proc = subprocess.Popen(
-        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=2h"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until("Prometheus /-/ready", lambda: _http_status(f"{url}/-/ready") == 200, 60)
-        yield url
-    finally:
-        stop.set()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        discovery.join(timeout=40)
 
 
 @pytest.fixture(scope="session")
@@ -360,16 +273,6 @@ def post(url: str, body: bytes) -> Result:
         return Result(started, time.monotonic() - started, err.code, err.read().decode(errors="replace")[:200])
     except (OSError, ValueError, KeyError) as exc:
         return Result(started, time.monotonic() - started, 0, repr(exc)[:200])
-
-
-def _http_status(url: str, timeout: float = 3) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return 0
 
 
 def management_answers(url: str) -> bool:
@@ -674,9 +577,7 @@ def test_a_serving_template_change_is_a_canary_a_failing_custom_metric_rolls_bac
     # The pod template, not the generation: the HPA may change the replicas (and so the generation) meanwhile.
     stable_template = serving.cluster.get("-n", serving.namespace, "deploy", f"{MD}-stable")["spec"]["template"]
     url = f"{serving.service_url()}/predictions/{MD}"
-    requests = (
-        'sum(rate(ts_inference_requests_total{model_name="{{name}}",hostname=~"{{pods}}"}[{{window}}]))'
-    )
+    requests = 'sum(rate(ts_inference_requests_total{model_name="{{name}}",hostname=~"{{pods}}"}[{{window}}]))'
     with Load(url, threads=2, pause_s=0.1, max_seconds=3 * ROLLOUT_TIMEOUT_S):
         # Not a new model: new batching. A check that no canary with traffic can pass (requests/s <= 0).
         check = {"name": "requests", "query": requests, "max": 0}

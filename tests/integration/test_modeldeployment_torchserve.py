@@ -1,10 +1,13 @@
 """The serving pod's pieces for real, on loopback: the operator's ConfigMap (init script, config.properties,
-readiness probe, auth proxy) around a real TorchServe 0.12, and the canary's PromQL on a real Prometheus
-scraping it. Only the paths and ports of config.properties are moved so that it runs next to other tests."""
+readiness probe, the edge proxy) around a real TorchServe 0.12, and the canary's PromQL on a real Prometheus
+scraping the proxy's metrics port. Only the paths and ports of config.properties are moved so that it runs next
+to other tests."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +32,7 @@ from flownexus.modeldeployment.children import (
     METRICS_PORT,
     SERVE_ROOT,
     UPSTREAM_INFERENCE_PORT,
+    UPSTREAM_METRICS_PORT,
     ServingContext,
     build_config_map,
 )
@@ -47,9 +51,11 @@ TOKEN = "s3cret-token"
 class Pod:
     """One serving 'pod' on loopback."""
 
-    inference: int  # what the Service would target (the proxy, with token authorization)
+    inference: int  # what the Service would target: the proxy
     management: int
-    metrics: int
+    metrics: int  # what Prometheus scrapes: the proxy, TorchServe's metrics and its own
+    upstream_inference: int  # TorchServe's own listeners, on loopback
+    upstream_metrics: int
     run_dir: Path
     env: dict[str, str]
     templates: Path
@@ -104,7 +110,10 @@ def pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     archive = _build_archive(root)
     ctx = _context(token_auth)
     srv = root / "srv"
-    ports = {port: free_port() for port in (INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, UPSTREAM_INFERENCE_PORT)}
+    ports = {
+        port: free_port()
+        for port in (INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, UPSTREAM_INFERENCE_PORT, UPSTREAM_METRICS_PORT)
+    }
     templates = root / "templates"
     templates.mkdir()
     for key, value in build_config_map(ctx)["data"].items():
@@ -125,11 +134,17 @@ def pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         "FLOWNEXUS_MANAGEMENT_PORT": str(ports[MANAGEMENT_PORT]),
         "FLOWNEXUS_RUN_DIR": str(srv / "run"),
         "FLOWNEXUS_PROXY_PORT": str(ports[INFERENCE_PORT]),
+        "FLOWNEXUS_METRICS_PORT": str(ports[METRICS_PORT]),
         "FLOWNEXUS_UPSTREAM_PORT": str(ports[UPSTREAM_INFERENCE_PORT]),
-        "FLOWNEXUS_TOKEN_FILE": str(root / "token"),
+        "FLOWNEXUS_UPSTREAM_METRICS_PORT": str(ports[UPSTREAM_METRICS_PORT]),
+        # No FLOWNEXUS_MODEL_VERSION (a source with no known version): the proxy reads the rendered config's.
+        "FLOWNEXUS_CONF_FILE": str(srv / "conf" / "config.properties"),
+        "HOSTNAME": socket.gethostname(),  # the pod name in a cluster; TorchServe labels with the same
         "HOME": str(srv / "run"),
         "OMP_NUM_THREADS": "1",
     }
+    if token_auth:
+        env["FLOWNEXUS_TOKEN_FILE"] = str(root / "token")
     (root / "token").write_text(TOKEN + "\n")
     prepared = subprocess.run(
         [sys.executable, str(templates / "prepare.py"), str(templates)], env=env, capture_output=True, text=True
@@ -143,10 +158,8 @@ def pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     server = subprocess.Popen(
         cmd, cwd=srv / "run", env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    procs = [server]
-    if token_auth:
-        proxy = subprocess.Popen([sys.executable, str(templates / "auth_proxy.py")], env=env, start_new_session=True)
-        procs.append(proxy)
+    proxy = subprocess.Popen([sys.executable, str(templates / "auth_proxy.py")], env=env, start_new_session=True)
+    procs = [server, proxy]
     try:
         probe = [sys.executable, str(templates / "probe.py")]
         _wait("the readiness probe", lambda: subprocess.run(probe, env=env, capture_output=True).returncode == 0)
@@ -154,6 +167,8 @@ def pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             inference=ports[INFERENCE_PORT],
             management=ports[MANAGEMENT_PORT],
             metrics=ports[METRICS_PORT],
+            upstream_inference=ports[UPSTREAM_INFERENCE_PORT],
+            upstream_metrics=ports[UPSTREAM_METRICS_PORT],
             run_dir=srv / "run",
             env=env,
             templates=templates,
@@ -213,8 +228,10 @@ def _listening(port: int) -> set[str]:
     return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
 
 
-def test_management_listens_on_loopback_only_and_registers_nothing(pod: Pod) -> None:
-    assert _listening(pod.management) <= {"127.0.0.1", "::ffff:127.0.0.1"}
+def test_torchserve_listens_on_loopback_only_behind_the_proxy_and_registers_nothing(pod: Pod) -> None:
+    for port in (pod.management, pod.upstream_inference, pod.upstream_metrics):
+        assert _listening(port) and _listening(port) <= {"127.0.0.1", "::ffff:127.0.0.1"}, port
+    assert _listening(pod.inference) & {"0.0.0.0", "::"}  # the proxy: the pod's edge
     assert _listening(pod.metrics) & {"0.0.0.0", "::"}
     status, _ = call(
         f"http://127.0.0.1:{pod.management}/models?url=http://example.com/evil.mar",
@@ -229,6 +246,8 @@ def test_token_authorization(pod: Pod) -> None:
     if not pod.token_auth:
         # open to the clients the NetworkPolicy admits; TorchServe's own token authorization is off
         assert call(f"http://127.0.0.1:{pod.management}/models")[0] == 200
+        body = json.dumps({"inputs": [1.0, 2.0, 3.0, 4.0]}).encode()
+        assert call(f"http://127.0.0.1:{pod.inference}/predictions/digits", body)[0] == 200  # no token needed
         return
     url = f"http://127.0.0.1:{pod.inference}/predictions/digits"
     body = json.dumps({"inputs": [1.0, 2.0, 3.0, 4.0]}).encode()
@@ -238,6 +257,75 @@ def test_token_authorization(pod: Pod) -> None:
     assert call(f"http://127.0.0.1:{pod.inference}/ping")[0] == 200
     # TorchServe itself wants its own keys: management without one is refused
     assert call(f"http://127.0.0.1:{pod.management}/models")[0] in (400, 401)
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*?),?\} (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(pod: Pod) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{pod.metrics}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        return str(resp.read().decode())
+
+
+def histogram(text: str, name: str, **labels: str) -> dict[float, float]:
+    """Cumulative bucket counts ``{le: count}`` of ``name``, summed over the series that carry ``labels``."""
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or match.group(1) != f"{name}_bucket":
+            continue
+        found = dict(_LABEL.findall(match.group(2)))
+        if all(found.get(k) == v for k, v in labels.items()):
+            le = float(found["le"])
+            out[le] = out.get(le, 0.0) + float(match.group(3))
+    return out
+
+
+def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float:
+    """``histogram_quantile(q, ...)`` of the requests between two scrapes, interpolated as Prometheus does."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    raise AssertionError("unreachable: the +Inf bucket holds every request")
+
+
+def test_the_proxys_metrics_port_has_torchserves_metrics_and_the_edge_histogram_of_every_prediction(
+    pod: Pod,
+) -> None:
+    n = 40
+    host = socket.gethostname()
+    edge_labels = {"ModelName": "digits", "ModelVersion": ARCHIVE_VERSION, "Hostname": host, "code": "2xx"}
+    handler_labels = {"ModelName": "digits", "ModelVersion": ARCHIVE_VERSION, "Hostname": host}
+    assert predict(pod, [1.0, 2.0, 3.0, 4.0])[0] == 200  # the handler's histogram exists from here on
+    before = scrape(pod)
+    edge_before = histogram(before, "flownexus_edge_request_duration_seconds", **edge_labels)
+    handler_before = histogram(before, "flownexus_inference_latency_seconds", **handler_labels)
+    for i in range(n):
+        assert predict(pod, [float(i), 2.0, 3.0, 4.0])[0] == 200
+    after = scrape(pod)
+    # TorchServe's own metrics come through the proxy's port (the scrape config does not change) ...
+    assert "# TYPE ts_inference_requests_total counter" in after
+    assert "# TYPE flownexus_inference_latency_seconds histogram" in after
+    assert "flownexus_edge_upstream_metrics_up 1" in after
+    # ... followed by the edge histogram, labelled like the handler's, with every prediction in it.
+    edge = histogram(after, "flownexus_edge_request_duration_seconds", **edge_labels)
+    handler = histogram(after, "flownexus_inference_latency_seconds", **handler_labels)
+    assert edge and handler, after
+    assert edge[math.inf] - edge_before.get(math.inf, 0.0) == n
+    assert handler[math.inf] - handler_before[math.inf] == n
+    # What a client sees includes the handler's time, and the batching delay (20 ms) the handler never sees.
+    edge_p99, handler_p99 = quantile(0.99, edge_before, edge), quantile(0.99, handler_before, handler)
+    assert edge_p99 >= handler_p99, (edge_p99, handler_p99)
+    assert quantile(0.5, edge_before, edge) >= 0.01  # most requests wait out maxBatchDelay alone
 
 
 def test_canary_promql_on_a_real_prometheus(pod: Pod, tmp_path: Path) -> None:

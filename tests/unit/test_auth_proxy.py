@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,11 +23,21 @@ from typing import Any
 
 import pytest
 
-from flownexus.modeldeployment.pod.auth_proxy import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT, ProxyServer, Settings
+from flownexus.modeldeployment.pod.auth_proxy import (
+    BUCKETS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_INFLIGHT,
+    EdgeMetrics,
+    ProxyServer,
+    Settings,
+    model_name,
+    serve_metrics,
+)
 
 TOKEN = "s3cret"
 POD_KEY = "pod-key"
 BODY = b'{"inputs": [1, 2]}'
+SLOW_S = 0.2  # how long the stand-in takes for /predictions/slow
 
 
 # ---- a stand-in for TorchServe ---------------------------------------------------------------------------------
@@ -67,6 +80,8 @@ class Upstream:
                 if self.path.startswith("/block/"):
                     upstream.arrived.release()
                     upstream.release.wait(timeout=5)
+                if self.path.startswith("/predictions/slow"):
+                    time.sleep(SLOW_S)
                 self._answer(201, body, {"X-Upstream": "torchserve", "Content-Type": "application/json"})
 
             do_GET = do_POST
@@ -184,29 +199,38 @@ def upstream() -> Iterator[Upstream]:
 
 
 @pytest.fixture
-def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator[Callable[..., int]]:
-    """Starts a proxy in front of ``upstream`` (token file ``tmp_path/token`` holding TOKEN unless given);
-    returns its port. Every proxy started is stopped at the end."""
+def proxies() -> dict[int, ProxyServer]:
+    """The proxies ``start_proxy`` started, by port."""
+    return {}
+
+
+@pytest.fixture
+def start_proxy(upstream: Upstream, tmp_path: Path, proxies: dict[int, ProxyServer]) -> Iterator[Callable[..., int]]:
+    """Starts a proxy in front of ``upstream`` (token file ``tmp_path/token`` holding TOKEN unless given;
+    ``open_mode=True``: no token file, as without spec.serving.inferenceTokenSecret); returns its port. Every
+    proxy started is stopped at the end."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "key_file.json").write_text(json.dumps({"inference": {"key": POD_KEY}, "management": {"key": "m"}}))
     started: list[tuple[ProxyServer, threading.Thread]] = []
 
-    def start(token_file: Path | None = None, **limits: Any) -> int:
-        if token_file is None:
+    def start(token_file: Path | None = None, open_mode: bool = False, **limits: Any) -> int:
+        if token_file is None and not open_mode:
             token_file = tmp_path / "token"
             token_file.write_text(TOKEN + "\n")
         settings = Settings(
             upstream_port=upstream.port,
-            token_file=str(token_file),
-            run_dir=str(run_dir),
-            **{"header_timeout_s": 5.0, "client_timeout_s": 5.0, **limits},
-        )
+            token_file=None if open_mode else str(token_file),
+            run_dir=None if open_mode else str(run_dir),
+            **{"header_timeout_s": 5.0, "client_timeout_s": 5.0, "model_version": "2.0.0", "hostname": "pod-0",
+               **limits},
+        )  # fmt: skip
         server = ProxyServer(("127.0.0.1", 0), settings)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
         port: int = server.server_address[1]
+        proxies[port] = server
         return port
 
     yield start
@@ -418,3 +442,271 @@ def test_oversized_headers_get_431_without_contacting_upstream(
     padding = {f"X-Pad-{i}": "p" * 8000 for i in range(10)}  # 80 KB of headers, each line within the line limit
     assert exchange(port, head(extra=padding) + BODY).status == 431
     assert upstream.contacts() == 0
+
+
+# ---- without a token: the pod's edge admits every request ----------------------------------------------------
+
+
+def test_without_a_token_file_every_request_is_admitted_and_no_key_goes_upstream(
+    start_proxy: Callable[..., int], upstream: Upstream
+) -> None:
+    port = start_proxy(open_mode=True)  # and no key_file.json is read: TorchServe's token authorization is off
+    assert exchange(port, head(token=None) + BODY).status == 201
+    assert exchange(port, head(token="anything") + BODY).status == 201
+    assert [s.body for s in upstream.seen] == [BODY, BODY]
+    assert all("authorization" not in s.headers for s in upstream.seen)  # neither a pod key nor the client's
+
+
+def test_without_a_token_file_the_body_cap_and_framing_checks_still_hold(
+    start_proxy: Callable[..., int], upstream: Upstream
+) -> None:
+    port = start_proxy(open_mode=True, max_body_bytes=1024, client_timeout_s=60.0)
+    assert exchange(port, head(token=None, length=1025)).status == 413
+    assert exchange(port, head(token=None, length=None)).status == 411
+    assert upstream.contacts() == 0
+
+
+def test_settings_without_a_token_file_need_no_run_dir_and_a_token_file_needs_one() -> None:
+    settings = Settings.from_env({"FLOWNEXUS_UPSTREAM_PORT": "8079", "HOSTNAME": "digits-canary-5f-abc"})
+    assert (settings.token_file, settings.run_dir, settings.upstream_metrics_port) == (None, None, None)
+    assert settings.hostname == "digits-canary-5f-abc"
+    with pytest.raises(KeyError):
+        Settings.from_env({"FLOWNEXUS_UPSTREAM_PORT": "8079", "FLOWNEXUS_TOKEN_FILE": "t"})
+    with pytest.raises(ValueError, match="run dir"):
+        Settings(upstream_port=1, token_file="t")
+    assert Settings.from_env({"FLOWNEXUS_UPSTREAM_PORT": "1"}).hostname == socket.gethostname()
+
+
+def test_model_version_from_the_env_or_else_from_the_rendered_config(tmp_path: Path) -> None:
+    conf = tmp_path / "config.properties"
+    conf.write_text('inference_address=http://127.0.0.1:8079\nmodels={"digits":{"3.1.4":{"batchSize":4}}}\n')
+    base = {"FLOWNEXUS_UPSTREAM_PORT": "8079", "FLOWNEXUS_CONF_FILE": str(conf)}
+    assert Settings.from_env(base).model_version == "3.1.4"
+    assert Settings.from_env({**base, "FLOWNEXUS_MODEL_VERSION": "3.1.4-rc"}).model_version == "3.1.4-rc"
+    conf.write_text("inference_address=http://127.0.0.1:8079\n")  # the init container has not run: unknown
+    assert Settings.from_env(base).model_version == ""
+
+
+# ---- the edge metrics ------------------------------------------------------------------------------------------
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus text format -> {(name, labels): value}; every line must be a comment or a valid sample."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        name, labels, value = match.groups()
+        key = (name, frozenset(LABEL.findall(labels or "")))
+        assert key not in out, f"duplicate series {line!r}"
+        out[key] = float(value)
+    return out
+
+
+def series(text: str, name: str, **labels: str) -> dict[str, float]:
+    """The samples of ``name`` whose labels include ``labels``; keyed by their ``le`` (or "")."""
+    want = set(labels.items())
+    return {
+        dict(key).get("le", ""): value for (n, key), value in samples(text).items() if n == name and want <= set(key)
+    }
+
+
+def test_exposition_has_cumulative_buckets_inf_sum_count_help_and_type() -> None:
+    metrics = EdgeMetrics(model_version="1.0", hostname='pod"a\\b')
+    observed = [0.0005, 0.001, 0.003, 0.2, 7.0, 30.0]  # 0.001 is on a bound: le is inclusive
+    for seconds in observed:
+        metrics.observe("digits", 200, seconds)
+    metrics.observe("digits", 503, 0.0001)
+    text = metrics.render()
+    assert text.endswith("\n")
+    for name, kind in [("flownexus_edge_request_duration_seconds", "histogram"),
+                       ("flownexus_edge_requests_total", "counter")]:  # fmt: skip
+        assert f"# TYPE {name} {kind}\n" in text and f"# HELP {name} " in text
+    labels = {"ModelName": "digits", "ModelVersion": "1.0", "Hostname": 'pod\\"a\\\\b', "code": "2xx"}
+    buckets = series(text, "flownexus_edge_request_duration_seconds_bucket", **labels)
+    assert list(buckets) == [repr(b) for b in BUCKETS] + ["+Inf"]
+    expected = [sum(1 for s in observed if s <= bound) for bound in (*BUCKETS, math.inf)]
+    assert list(buckets.values()) == expected
+    assert buckets["0.001"] == 2 and buckets["10.0"] == 5 and buckets["+Inf"] == 6
+    assert series(text, "flownexus_edge_request_duration_seconds_count", **labels) == {"": 6}
+    assert series(text, "flownexus_edge_request_duration_seconds_sum", **labels)[""] == pytest.approx(sum(observed))
+    assert series(text, "flownexus_edge_requests_total", **labels) == {"": 6}
+    assert series(text, "flownexus_edge_requests_total", code="5xx") == {"": 1}
+    assert "flownexus_edge_upstream_metrics_up" not in text
+
+
+def test_observations_from_many_threads_are_all_counted() -> None:
+    metrics = EdgeMetrics(model_version="", hostname="pod")
+
+    def work() -> None:
+        for i in range(500):
+            metrics.observe("digits", 200 if i % 2 else 404, 0.01)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    text = metrics.render()
+    assert series(text, "flownexus_edge_requests_total", code="2xx") == {"": 2000}
+    assert series(text, "flownexus_edge_request_duration_seconds_bucket", code="4xx")["+Inf"] == 2000
+
+
+def test_model_names_come_from_the_prediction_url_and_are_bounded() -> None:
+    assert model_name("/predictions/digits") == model_name("/predictions/digits/2.0?x=1") == "digits"
+    assert model_name("/ping") == model_name("/models/digits") == model_name("/predictionsX/digits") == ""
+    metrics = EdgeMetrics(model_version="", hostname="pod", served_model="digits")
+    for i in range(40):  # a client choosing URLs cannot grow the series without bound ...
+        metrics.observe(f"m{i}", 404, 0.001)
+    metrics.observe("digits", 200, 0.001)  # ... nor crowd out the model the pod serves
+    names = {dict(key)["ModelName"] for (n, key) in samples(metrics.render()) if n == "flownexus_edge_requests_total"}
+    assert len(names) == 18 and {"", "digits"} <= names
+
+
+def test_every_proxied_request_is_timed_to_its_last_byte_with_model_status_class_version_and_host(
+    start_proxy: Callable[..., int], upstream: Upstream, proxies: dict[int, ProxyServer]
+) -> None:
+    port = start_proxy(max_body_bytes=1024, client_timeout_s=60.0)
+    assert exchange(port, head(path="/predictions/slow/1.0") + BODY).status == 201
+    assert exchange(port, head(path="/predictions/digits") + BODY).status == 201
+    assert exchange(port, head(path="/predictions/digits", token="wrong") + BODY).status == 401  # the proxy's own
+    assert exchange(port, head(path="/predictions/digits", length=2048)).status == 413
+    assert exchange(port, head(path="/ping", token=None, length=None, method="GET")).status == 201  # not counted
+    text = proxies[port].metrics.render()
+    labelled = [
+        (dict(key), value) for (name, key), value in samples(text).items() if name == "flownexus_edge_requests_total"
+    ]
+    assert all((labels["ModelVersion"], labels["Hostname"]) == ("2.0.0", "pod-0") for labels, _ in labelled)
+    totals = {(labels["ModelName"], labels["code"]): value for labels, value in labelled}
+    assert totals == {("slow", "2xx"): 1, ("digits", "2xx"): 1, ("digits", "4xx"): 2}
+    slow = series(text, "flownexus_edge_request_duration_seconds_bucket", ModelName="slow")
+    # The stand-in's 0.2 s are inside the measured time: not in the 0.15 s bucket, in the 0.25 s one.
+    assert (slow["0.15"], slow["0.25"]) == (0, 1)
+    fast = series(text, "flownexus_edge_request_duration_seconds_bucket", ModelName="digits", code="4xx")
+    assert fast["0.1"] == 2
+
+
+def test_busy_rejections_are_counted_apart(
+    start_proxy: Callable[..., int], upstream: Upstream, proxies: dict[int, ProxyServer]
+) -> None:
+    port = start_proxy(max_inflight=1)
+    client = threading.Thread(target=lambda: exchange(port, head(path="/block/x") + BODY, 5))
+    client.start()
+    assert upstream.arrived.acquire(timeout=5)
+    assert exchange(port, head() + BODY, timeout=2).status == 503
+    upstream.release.set()
+    client.join(timeout=5)
+    text = proxies[port].metrics.render()
+    assert series(text, "flownexus_edge_busy_rejections_total") == {"": 1}
+    assert series(text, "flownexus_edge_requests_total", code="2xx") == {"": 1}
+
+
+class FakeTorchServeMetrics:
+    """TorchServe's metrics listener: ``/metrics`` answers canned Prometheus text and records the paths asked."""
+
+    TEXT = (
+        "# HELP ts_inference_requests_total Total number of inference requests.\n"
+        "# TYPE ts_inference_requests_total counter\n"
+        'ts_inference_requests_total{model_name="digits",model_version="default",hostname="pod-0",} 3.0\n'
+    )
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.paths.append(self.path)
+                data = fake.TEXT.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port: int = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def metrics_port(
+    start_proxy: Callable[..., int], proxies: dict[int, ProxyServer]
+) -> Iterator[Callable[[int | None], tuple[int, int]]]:
+    """Starts a proxy (open mode) with TorchServe's metrics at ``upstream_metrics_port`` and its metrics listener;
+    returns (inference port, metrics port)."""
+    listeners: list[ProxyServer] = []
+
+    def start(upstream_metrics_port: int | None) -> tuple[int, int]:
+        port = start_proxy(open_mode=True, upstream_metrics_port=upstream_metrics_port)
+        listener = serve_metrics(("127.0.0.1", 0), proxies[port])
+        threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        listeners.append(listener)
+        return port, listener.server_address[1]
+
+    yield start
+    for listener in listeners:
+        listener.shutdown()
+        listener.server_close()
+
+
+def scrape(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_metrics_port_serves_torchserves_metrics_followed_by_the_edge_metrics(
+    metrics_port: Callable[[int | None], tuple[int, int]], upstream: Upstream
+) -> None:
+    torchserve = FakeTorchServeMetrics()
+    try:
+        port, metrics = metrics_port(torchserve.port)
+        for _ in range(3):
+            assert exchange(port, head(token=None) + BODY).status == 201
+        status, content_type, text = scrape(metrics)
+        assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+        assert text.startswith(FakeTorchServeMetrics.TEXT)  # TorchServe's text as it was, then the proxy's
+        assert series(text, "flownexus_edge_request_duration_seconds_count", ModelName="digits") == {"": 3}
+        assert series(text, "flownexus_edge_upstream_metrics_up") == {"": 1}
+        assert series(text, "ts_inference_requests_total") == {"": 3.0}
+        assert scrape(metrics, "/metrics?name[]=ts_inference_requests_total")[0] == 200
+        assert torchserve.paths == ["/metrics", "/metrics?name[]=ts_inference_requests_total"]
+        # The metrics listener serves /metrics only, and scrapes are not inference requests.
+        assert scrape(metrics, "/predictions/digits")[0] == 404
+        assert scrape(metrics, "/metrics", "POST")[0] == 405
+        assert series(scrape(metrics)[2], "flownexus_edge_requests_total") == {"": 3}
+        assert upstream.contacts() == 3  # nothing on the metrics port reached the inference upstream
+    finally:
+        torchserve.stop()
+
+
+def test_without_torchserves_metrics_the_scrape_has_the_edge_metrics_and_up_0(
+    metrics_port: Callable[[int | None], tuple[int, int]], upstream: Upstream
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    port, metrics = metrics_port(closed)
+    assert exchange(port, head(token=None) + BODY).status == 201
+    status, _, text = scrape(metrics)
+    assert status == 200
+    assert text.startswith("# HELP flownexus_edge_request_duration_seconds ")
+    assert series(text, "flownexus_edge_upstream_metrics_up") == {"": 0}
+    assert series(text, "flownexus_edge_requests_total", code="2xx") == {"": 1}

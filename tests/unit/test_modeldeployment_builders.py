@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 
-from flownexus.api.modeldeployment import ModelDeploymentSpec
+from flownexus.api.modeldeployment import MAX_NAME_LENGTH, ModelDeploymentSpec
 from flownexus.api.neuralcluster import NeuralClusterSpec
 from flownexus.modeldeployment.children import (
     INFERENCE_PORT,
     METRICS_PORT,
+    UPSTREAM_INFERENCE_PORT,
+    UPSTREAM_METRICS_PORT,
     ServedModel,
     ServingContext,
     achieved_weight,
@@ -31,6 +33,7 @@ from flownexus.modeldeployment.children import (
     build_hpa,
     build_network_policy,
     build_pdb,
+    build_scaled_object,
     build_service,
     canary_replicas,
     config_hash,
@@ -109,11 +112,15 @@ def test_achieved_weight_is_the_replica_ratio(canary: int, stable: int, weight: 
 # ---- config.properties ------------------------------------------------------------------------------
 
 
-def test_config_properties_are_hardened() -> None:
-    props = properties(config_properties(ctx()))
-    assert props["inference_address"] == f"http://0.0.0.0:{INFERENCE_PORT}"
+@pytest.mark.parametrize("secret", [None, "digits-token"], ids=["no-token", "token"])
+def test_config_properties_are_hardened_and_every_listener_is_on_loopback_behind_the_proxy(
+    secret: str | None,
+) -> None:
+    props = properties(config_properties(ctx(**({"spec.serving.inferenceTokenSecret": secret} if secret else {}))))
+    assert props["inference_address"] == f"http://127.0.0.1:{UPSTREAM_INFERENCE_PORT}"
     assert props["management_address"] == "http://127.0.0.1:8081"
-    assert props["metrics_address"] == f"http://0.0.0.0:{METRICS_PORT}"
+    assert props["metrics_address"] == f"http://127.0.0.1:{UPSTREAM_METRICS_PORT}"
+    assert len({UPSTREAM_INFERENCE_PORT, UPSTREAM_METRICS_PORT, INFERENCE_PORT, METRICS_PORT, 8081}) == 5
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["enable_model_api"] == "false"
     assert props["allowed_urls"] == "file:///srv/flownexus/model-store/.*\\\\.mar"
@@ -127,30 +134,94 @@ def test_config_properties_are_hardened() -> None:
     assert "models" not in props  # the init container adds it, keyed by the archive's own version
 
 
+PROXY_ENV = {
+    "FLOWNEXUS_PROXY_PORT": "8080",
+    "FLOWNEXUS_METRICS_PORT": "8082",
+    "FLOWNEXUS_UPSTREAM_PORT": str(UPSTREAM_INFERENCE_PORT),
+    "FLOWNEXUS_UPSTREAM_METRICS_PORT": str(UPSTREAM_METRICS_PORT),
+    "FLOWNEXUS_CONF_FILE": "/srv/flownexus/conf/config.properties",
+    "FLOWNEXUS_MODEL_NAME": "digits",
+    "FLOWNEXUS_PROXY_DRAIN_S": "5",
+}
+TOKEN_ENV = {
+    "FLOWNEXUS_RUN_DIR": "/srv/flownexus/run",
+    "FLOWNEXUS_TOKEN_FILE": "/var/run/secrets/flownexus/inference/key",
+}
+PROXY_MOUNTS = [
+    {"name": "templates", "mountPath": "/etc/flownexus", "readOnly": True},
+    {"name": "conf", "mountPath": "/srv/flownexus/conf", "readOnly": True},
+]
+TOKEN_MOUNTS = [
+    {"name": "run", "mountPath": "/srv/flownexus/run", "readOnly": True},
+    {"name": "inference-token", "mountPath": "/var/run/secrets/flownexus/inference", "readOnly": True},
+]
+
+
 @pytest.mark.parametrize(
-    ("secret", "disabled", "inference"),
-    [(None, "true", "http://0.0.0.0:8080"), ("digits-token", "false", "http://127.0.0.1:8079")],
+    ("secret", "disabled", "env", "mounts"),
+    [
+        pytest.param(None, "true", PROXY_ENV, PROXY_MOUNTS, id="no-token"),
+        pytest.param("digits-token", "false", {**PROXY_ENV, **TOKEN_ENV}, PROXY_MOUNTS + TOKEN_MOUNTS, id="token"),
+    ],
 )
-def test_token_authorization_on_and_off(secret: str | None, disabled: str, inference: str) -> None:
+def test_the_proxy_is_always_the_pods_edge_and_holds_the_token_only_with_the_secret(
+    secret: str | None, disabled: str, env: dict[str, str], mounts: list[dict[str, Any]]
+) -> None:
     c = ctx(**({"spec.serving.inferenceTokenSecret": secret} if secret else {}))
     props = properties(config_properties(c))
     assert props["disable_token_authorization"] == disabled
-    assert props["inference_address"] == inference
-    assert props["management_address"] == "http://127.0.0.1:8081"
+    assert ("token_expiration_min" in props) is bool(secret)
     dep = build_deployment(c, "stable", MODEL, 2, "abc")
-    names = [x["name"] for x in pod(dep)["containers"]]
-    cm = build_config_map(c)
+    assert [x["name"] for x in pod(dep)["containers"]] == ["torchserve", "auth-proxy"]
+    assert "auth_proxy.py" in build_config_map(c)["data"]
+    proxy = container(dep, "auth-proxy")
+    # The Service's targetPort "inference" and the scrape port are the proxy's; TorchServe exposes nothing.
+    assert proxy["ports"] == [
+        {"name": "inference", "containerPort": INFERENCE_PORT},
+        {"name": "metrics", "containerPort": METRICS_PORT},
+    ]
+    assert "ports" not in container(dep, "torchserve")
+    assert {e["name"]: e["value"] for e in proxy["env"]} == env
+    assert proxy["volumeMounts"] == mounts
+    volumes = {v["name"]: v for v in pod(dep)["volumes"]}
     if secret:
-        assert names == ["torchserve", "auth-proxy"]
-        assert "auth_proxy.py" in cm["data"]
-        assert container(dep, "auth-proxy")["ports"] == [{"name": "inference", "containerPort": 8080}]
-        secret_volume = next(v for v in pod(dep)["volumes"] if v["name"] == "inference-token")
-        assert secret_volume["secret"]["secretName"] == secret
+        assert volumes["inference-token"]["secret"]["secretName"] == secret
         assert int(props["token_expiration_min"]) > 60 * 24 * 365
     else:
-        assert names == ["torchserve"]
-        assert "auth_proxy.py" not in cm["data"]
-        assert {"name": "inference", "containerPort": 8080} in container(dep, "torchserve")["ports"]
+        assert "inference-token" not in volumes
+    # Every mount names a volume of the pod.
+    assert {m["name"] for c in pod(dep)["containers"] for m in c["volumeMounts"]} <= set(volumes)
+
+
+@pytest.mark.parametrize(
+    ("archive_version", "expected"), [(None, None), ("3.1.4", "3.1.4")], ids=["unknown", "from-the-trainingjob"]
+)
+def test_the_proxy_labels_its_metrics_with_the_archive_version_the_operator_knows(
+    archive_version: str | None, expected: str | None
+) -> None:
+    model = ServedModel(version="1.0.0", archive=MODEL.archive, training_job="digits", archive_version=archive_version)
+    env = {
+        e["name"]: e["value"]
+        for e in container(build_deployment(ctx(), "canary", model, 1, "abc"), "auth-proxy")["env"]
+    }
+    assert env.get("FLOWNEXUS_MODEL_VERSION") == expected
+    # Unknown: the proxy reads the archive's version from the config the init container renders.
+    assert env["FLOWNEXUS_CONF_FILE"] == "/srv/flownexus/conf/config.properties"
+
+
+@pytest.mark.parametrize("secret", [None, "digits-token"], ids=["no-token", "token"])
+def test_every_container_of_the_serving_pod_is_restricted(secret: str | None) -> None:
+    dep = build_deployment(
+        ctx(**({"spec.serving.inferenceTokenSecret": secret} if secret else {})), "stable", MODEL, 1, "a"
+    )
+    spec = pod(dep)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in spec["containers"] + spec["initContainers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert "privileged" not in sc and "hostPort" not in str(c.get("ports")), c["name"]
 
 
 def test_model_settings_come_from_the_spec() -> None:
@@ -188,8 +259,10 @@ def test_deployment_labels_probe_and_scrape_annotations(track: str) -> None:
     server = container(dep, "torchserve")
     assert server["readinessProbe"]["exec"]["command"] == ["python", "/etc/flownexus/probe.py"]
     assert server["startupProbe"]["exec"]["command"] == ["python", "/etc/flownexus/probe.py"]
-    assert {"name": "metrics", "containerPort": 8082} in server["ports"]
-    assert all(p["containerPort"] != 8081 for p in server["ports"])  # management is never exposed
+    # The scrape port is the proxy's (TorchServe's metrics and the edge histogram); management is never exposed.
+    ports = [p for c in pod(dep)["containers"] for p in c.get("ports", [])]
+    assert {"name": "metrics", "containerPort": 8082} in ports
+    assert all(p["containerPort"] != 8081 for p in ports)
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod(dep)["automountServiceAccountToken"] is False
     # PID 1 ignores SIGTERM: the pod stops TorchServe itself after a short drain.
@@ -255,7 +328,8 @@ def test_endpoint_is_the_in_cluster_prediction_url() -> None:
             {"spec.autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetCpuUtilization": 50}},
             {"min": 1, "max": 4, "cpu": 50, "metrics": 1},
         ),
-        ({"spec.autoscaling": {"targetRequestsPerSecond": 100}}, {"min": 2, "max": 10, "cpu": 70, "metrics": 2}),
+        # A request rate is KEDA's (build_scaled_object): the HPA that stands in without KEDA has no metric for it.
+        ({"spec.autoscaling": {"targetRequestsPerSecond": 100}}, {"min": 2, "max": 10, "cpu": 70, "metrics": 1}),
         ({"spec.autoscaling": {"enabled": False}}, None),
     ],
 )
@@ -271,8 +345,7 @@ def test_hpa_targets_the_stable_deployment(overrides: dict[str, Any], expected: 
     assert (spec["minReplicas"], spec["maxReplicas"]) == (expected["min"], expected["max"])
     assert spec["metrics"][0]["resource"]["target"]["averageUtilization"] == expected["cpu"]
     assert len(spec["metrics"]) == expected["metrics"]
-    if expected["metrics"] == 2:
-        assert spec["metrics"][1]["pods"]["target"] == {"type": "AverageValue", "averageValue": "100"}
+    assert [m["type"] for m in spec["metrics"]] == ["Resource"] * expected["metrics"]
 
 
 @pytest.mark.parametrize(
@@ -295,6 +368,66 @@ def test_hpa_stabilization_windows_and_memory_target(
     targets = {m["resource"]["name"]: m["resource"]["target"] for m in spec["metrics"] if m["type"] == "Resource"}
     assert targets["cpu"]["averageUtilization"] == 70
     assert (targets.get("memory") or {}).get("averageUtilization") == memory
+
+
+PROM_URL = "http://prometheus.monitoring.svc:9090"
+RATE_QUERY = 'sum(rate(flownexus_edge_requests_total{ModelName="digits",Hostname=~"digits-stable-.+"}[1m]))'
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "triggers"),
+    [
+        (
+            {"targetRequestsPerSecond": 50},
+            [
+                {"type": "cpu", "metricType": "Utilization", "metadata": {"value": "70"}},
+                {"type": "prometheus", "metricType": "AverageValue",
+                 "metadata": {"serverAddress": PROM_URL, "query": RATE_QUERY, "threshold": "50"}},
+            ],
+        ),
+        (
+            {"targetRequestsPerSecond": 2.5, "targetCpuUtilization": 60, "targetMemoryUtilization": 80},
+            [
+                {"type": "cpu", "metricType": "Utilization", "metadata": {"value": "60"}},
+                {"type": "memory", "metricType": "Utilization", "metadata": {"value": "80"}},
+                {"type": "prometheus", "metricType": "AverageValue",
+                 "metadata": {"serverAddress": PROM_URL, "query": RATE_QUERY, "threshold": "2.5"}},
+            ],
+        ),
+        ({}, None),  # no request rate: our HPA
+        ({"targetRequestsPerSecond": 50, "enabled": False}, None),  # no autoscaling at all
+    ],
+)  # fmt: skip
+def test_scaled_object_scales_stable_on_cpu_memory_and_the_stable_request_rate(
+    autoscaling: dict[str, Any], triggers: list[dict[str, Any]] | None
+) -> None:
+    so = build_scaled_object(ctx(**{"spec.autoscaling": autoscaling}), PROM_URL)
+    if triggers is None:
+        assert so is None
+        return
+    assert so is not None
+    assert (so["apiVersion"], so["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    assert so["metadata"]["name"] == "digits-stable"
+    (ref,) = so["metadata"]["ownerReferences"]
+    assert ref["kind"] == "ModelDeployment" and ref["uid"] == "uid-1" and ref["controller"] is True
+    spec = so["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "digits-stable"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 10)
+    assert spec["triggers"] == triggers
+    # KEDA's HPA: not our HPA's name (digits-stable), the same stabilization windows as our HPA.
+    hpa_config = spec["advanced"]["horizontalPodAutoscalerConfig"]
+    assert hpa_config["name"] == "digits-stable-keda"
+    assert hpa_config["behavior"] == {
+        "scaleUp": {"stabilizationWindowSeconds": 180},
+        "scaleDown": {"stabilizationWindowSeconds": 300},
+    }
+
+
+def test_the_keda_hpa_name_fits_a_label_value_for_the_longest_name() -> None:
+    longest = "m" * MAX_NAME_LENGTH
+    so = build_scaled_object(ctx(name=longest, **{"spec.autoscaling": {"targetRequestsPerSecond": 1}}), PROM_URL)
+    assert so is not None
+    assert len(so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["name"]) <= 63
 
 
 def test_pdb() -> None:

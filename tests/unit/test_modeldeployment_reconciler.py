@@ -10,12 +10,13 @@ import pytest
 
 from flownexus.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
 from flownexus.api.neuralcluster import NeuralClusterSpec
+from flownexus.modeldeployment import keda
 from flownexus.modeldeployment import reconciler as rec
 from flownexus.modeldeployment.children import ServingContext
-from flownexus.modeldeployment.decide import DeploymentView, Measurement, Observed, decide, now_str
+from flownexus.modeldeployment.decide import DeploymentView, Measurement, Observed, Plan, decide, now_str
 from flownexus.prometheus import CanarySelector, PrometheusError, QueryResult, Rejected
 from flownexus.runtime.cache import Cache
-from flownexus.runtime.controller import Action, Apply, Emit
+from flownexus.runtime.controller import Action, Apply, Delete, Emit, Outcome
 from tests.factories import model_deployment, neural_cluster, training_job
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -228,3 +229,232 @@ def test_measure_marks_queries_prometheus_rejects_with_its_error_and_the_query()
 def test_observed_is_only_what_decide_needs() -> None:
     # Observed has defaults for everything but the clock, so tests and the reconciler build it the same way.
     assert Observed(now=T0).source is None
+
+
+# ---- spec.autoscaling.targetRequestsPerSecond: KEDA or our HPA -----------------------------------------
+
+PROM_URL = "http://prometheus.monitoring.svc:9090"
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "url", "served", "exists", "expected"),
+    [
+        ({}, PROM_URL, True, False, (False, False, "")),
+        ({}, PROM_URL, True, True, (False, True, "")),  # the field was unset: ours goes
+        ({"targetRequestsPerSecond": 5}, PROM_URL, True, False, (True, False, "ScaledObject")),
+        ({"targetRequestsPerSecond": 5}, PROM_URL, True, True, (True, False, "ScaledObject")),
+        ({"targetRequestsPerSecond": 5, "enabled": False}, PROM_URL, True, True, (False, True, "")),
+        ({"targetRequestsPerSecond": 5}, PROM_URL, False, False, (False, False, "KEDANotServed")),
+        ({"targetRequestsPerSecond": 5}, None, True, True, (False, True, "NoPrometheusUrl")),
+        ({"targetRequestsPerSecond": 5}, None, False, False, (False, False, "NoPrometheusUrl")),
+    ],
+)
+def test_keda_scales_only_a_request_rate_with_keda_and_a_prometheus(
+    autoscaling: Manifest, url: str | None, served: bool, exists: bool, expected: tuple[bool, bool, str]
+) -> None:
+    spec = ModelDeploymentSpec.model_validate(md(**{"spec.autoscaling": autoscaling})["spec"])
+    got = keda.choose(spec, url, served, exists)
+    assert (got.scaled_object, got.remove_scaled_object, got.reason) == expected
+    assert bool(got.problem) == (expected[2] not in ("", "ScaledObject"))
+
+
+def _serving_ctx(obj: Manifest, url: str | None = PROM_URL) -> ServingContext:
+    spec = ModelDeploymentSpec.model_validate(obj["spec"])
+    nc = neural_cluster(**({"spec.prometheusUrl": url} if url else {}))
+    return ServingContext(obj, spec, NeuralClusterSpec.model_validate(nc["spec"]), "demo-artifacts")
+
+
+def _available_plan(obj: Manifest) -> tuple[Plan, Observed]:
+    spec = ModelDeploymentSpec.model_validate(obj["spec"])
+    st = ModelDeploymentStatus.model_validate(
+        {"phase": "Available", "stable": {"version": "1.0.0", "archive": "a/1.mar"}}
+    )
+    stable = DeploymentView(replicas=2, ready=2, version="1.0.0", rolled_out=True)
+    observed = Observed(now=T0, stable=stable)
+    return decide(spec, st, observed, 1), observed
+
+
+def _steps(todo: list[Action]) -> list[tuple[str, str]]:
+    out = []
+    for a in todo:
+        if isinstance(a, Apply):
+            out.append(("Apply", f"{a.manifest['kind']} {a.manifest['metadata']['name']}"))
+        elif isinstance(a, Delete):
+            out.append(("Delete", f"{a.kind} {a.name}"))
+    return out
+
+
+def test_with_keda_our_hpa_goes_first_and_the_scaled_object_comes_after_the_stable_deployment() -> None:
+    obj = md("1.0.0", **{"spec.autoscaling": {"targetRequestsPerSecond": 20}})
+    plan, observed = _available_plan(obj)
+    auto = keda.choose(ModelDeploymentSpec.model_validate(obj["spec"]), PROM_URL, True, False)
+    steps = _steps(rec.actions(_serving_ctx(obj), plan, observed, {}, auto))
+    assert ("Apply", "HorizontalPodAutoscaler digits-stable") not in steps
+    hpa_gone = steps.index(("Delete", "HorizontalPodAutoscaler digits-stable"))
+    stable = steps.index(("Apply", "Deployment digits-stable"))
+    assert hpa_gone < stable < steps.index(("Apply", "ScaledObject digits-stable"))
+
+
+def test_unsetting_the_request_rate_deletes_the_scaled_object_before_our_hpa_comes_back() -> None:
+    obj = md("1.0.0")
+    plan, observed = _available_plan(obj)
+    auto = keda.choose(ModelDeploymentSpec.model_validate(obj["spec"]), PROM_URL, True, True)
+    steps = _steps(rec.actions(_serving_ctx(obj), plan, observed, {}, auto))
+    assert steps.index(("Delete", "ScaledObject digits-stable")) < steps.index(
+        ("Apply", "HorizontalPodAutoscaler digits-stable")
+    )
+    assert not [s for s in steps if s[1].startswith("ScaledObject") and s[0] == "Apply"]
+
+
+class FakeScaledObjects:
+    """An in-memory KEDA: whether it is served, the ScaledObjects that exist, and every read."""
+
+    def __init__(self, served: bool = True, objects: dict[str, Manifest] | None = None) -> None:
+        self.is_served, self.objects = served, objects or {}
+        self.reads: list[str] = []
+
+    def served(self) -> bool:
+        return self.is_served
+
+    def get(self, namespace: str, name: str) -> Manifest | None:
+        self.reads.append(name)
+        return self.objects.get(name)
+
+
+def _world(obj: Manifest, url: str | None = PROM_URL) -> Cache:
+    """A cache with a Ready NeuralCluster, the validated TrainingJob and ``obj`` serving 1.0.0."""
+    cache = Cache()
+    nc = neural_cluster(**({"spec.prometheusUrl": url} if url else {}))
+    nc["status"] = {"phase": "Ready"}
+    for o in (nc, validated_tj(), obj):
+        o["metadata"].setdefault("resourceVersion", "1")
+        cache.upsert(o)
+    return cache
+
+
+def _serving(**autoscaling: Any) -> Manifest:
+    obj = md("1.0.0", **{"spec.autoscaling": autoscaling})
+    obj["status"] = {
+        "phase": "Available",
+        "stable": {"version": "1.0.0", "archive": "default/digits/model-store/digits.mar"},
+    }
+    return obj
+
+
+def _condition(outcome: Outcome) -> Manifest | None:
+    conds = (outcome.status or {}).get("conditions") or []
+    return next((c for c in conds if c["type"] == keda.CONDITION), None)
+
+
+def _emitted(outcome: Outcome) -> list[tuple[str, str, str]]:
+    """The autoscaling Events of a pass (the rollout's own are not the subject here)."""
+    reasons = ("ScaledObject", "KEDANotServed", "NoPrometheusUrl")
+    return [(a.type, a.reason, a.message) for a in outcome.actions if isinstance(a, Emit) and a.reason in reasons]
+
+
+def test_a_pass_with_keda_applies_the_scaled_object_and_says_so_once() -> None:
+    obj = _serving(targetRequestsPerSecond=20)
+    fake = FakeScaledObjects()
+    r = rec.ModelDeploymentReconciler(_world(obj), scaled_objects=fake)
+    outcome = r.reconcile(obj)
+    steps = _steps(outcome.actions)
+    assert ("Apply", "ScaledObject digits-stable") in steps
+    assert ("Delete", "HorizontalPodAutoscaler digits-stable") in steps
+    cond = _condition(outcome)
+    assert cond is not None and (cond["status"], cond["reason"]) == ("True", "ScaledObject")
+    assert [e[:2] for e in _emitted(outcome)] == [("Normal", "ScaledObject")]
+    # The next pass reads the ScaledObject again (it may have been changed or deleted: no watch says so),
+    # and posts no second Event.
+    obj["status"] = outcome.status
+    again = r.reconcile(obj)
+    assert not [e for e in _emitted(again) if e[1] == "ScaledObject"]
+    assert fake.reads == ["digits-stable", "digits-stable"]
+
+
+def test_without_keda_the_hpa_scales_on_cpu_and_a_condition_and_warning_say_why() -> None:
+    obj = _serving(targetRequestsPerSecond=20)
+    fake = FakeScaledObjects(served=False)
+    r = rec.ModelDeploymentReconciler(_world(obj), scaled_objects=fake)
+    outcome = r.reconcile(obj)
+    steps = _steps(outcome.actions)
+    assert ("Apply", "HorizontalPodAutoscaler digits-stable") in steps
+    assert ("Apply", "Deployment digits-stable") in steps and ("Apply", "Service digits") in steps
+    assert not [s for s in steps if "ScaledObject" in s[1]]
+    hpa = next(
+        a.manifest for a in outcome.actions if isinstance(a, Apply) and a.manifest["kind"] == "HorizontalPodAutoscaler"
+    )
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    cond = _condition(outcome)
+    assert cond is not None and (cond["status"], cond["reason"]) == ("False", "KEDANotServed")
+    expected = (
+        "spec.autoscaling.targetRequestsPerSecond (20) needs KEDA (keda.sh/v1alpha1 ScaledObject), which this "
+        "cluster does not serve"
+    )
+    assert cond["message"].startswith(expected)
+    assert [e[:2] for e in _emitted(outcome)] == [("Warning", "KEDANotServed")]
+    assert outcome.requeue_after is not None and outcome.requeue_after <= rec.RESYNC_S  # KEDA may come
+    assert fake.reads == []  # nothing to read where the kind is not served
+    obj["status"] = outcome.status
+    assert not [e for e in _emitted(r.reconcile(obj)) if e[1] == "KEDANotServed"]
+
+
+def test_without_a_prometheus_url_the_hpa_stands_in_and_the_condition_names_the_field_and_value() -> None:
+    obj = _serving(targetRequestsPerSecond=2.5)
+    r = rec.ModelDeploymentReconciler(_world(obj, url=None), scaled_objects=FakeScaledObjects())
+    outcome = r.reconcile(obj)
+    assert ("Apply", "HorizontalPodAutoscaler digits-stable") in _steps(outcome.actions)
+    cond = _condition(outcome)
+    assert cond is not None and (cond["status"], cond["reason"]) == ("False", "NoPrometheusUrl")
+    assert "spec.autoscaling.targetRequestsPerSecond (2.5)" in cond["message"] and "prometheusUrl" in cond["message"]
+    assert [e[:2] for e in _emitted(outcome)] == [("Warning", "NoPrometheusUrl")]
+
+
+def test_unsetting_the_request_rate_removes_the_condition_and_deletes_our_scaled_object() -> None:
+    obj = _serving()
+    obj["status"]["conditions"] = [{"type": keda.CONDITION, "status": "True", "reason": "ScaledObject",
+                                    "message": "m", "lastTransitionTime": "2026-11-22T12:00:00Z"}]  # fmt: skip
+    ours = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": "digits-stable", "namespace": "default", "uid": "so-1", "resourceVersion": "5",
+                         "ownerReferences": [{"kind": "ModelDeployment", "name": "digits", "uid": "uid-1",
+                                              "controller": True}]}}  # fmt: skip
+    fake = FakeScaledObjects(objects={"digits-stable": ours})
+    cache = _world(obj)
+    r = rec.ModelDeploymentReconciler(cache, scaled_objects=fake)
+    outcome = r.reconcile(obj)
+    steps = _steps(outcome.actions)
+    assert steps.index(("Delete", "ScaledObject digits-stable")) < steps.index(
+        ("Apply", "HorizontalPodAutoscaler digits-stable")
+    )
+    assert _condition(outcome) is None
+    assert cache.get("ScaledObject", "default", "digits-stable") is not None  # where the controller's delete looks
+    # Once it is gone, it is read once more, then no more while none is wanted.
+    del fake.objects["digits-stable"]
+    for _ in range(3):
+        assert "ScaledObject digits-stable" not in {s[1] for s in _steps(r.reconcile(obj).actions)}
+    assert fake.reads == ["digits-stable", "digits-stable"]
+
+
+def test_a_foreign_scaled_object_of_that_name_is_never_deleted() -> None:
+    obj = _serving()
+    foreign = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "digits-stable", "namespace": "default", "uid": "so-2", "resourceVersion": "5"},
+    }
+    r = rec.ModelDeploymentReconciler(_world(obj), scaled_objects=FakeScaledObjects(objects={"digits-stable": foreign}))
+    assert ("Delete", "ScaledObject digits-stable") not in _steps(r.reconcile(obj).actions)
+
+
+def test_discovery_is_asked_at_most_once_per_ttl() -> None:
+    class Discovery:
+        calls = 0
+
+        def serves(self, kind: str) -> bool:
+            Discovery.calls += 1
+            return kind == "ScaledObject"
+
+    now = [0.0]
+    so = keda.ApiScaledObjects(Discovery(), ttl_s=60, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert so.served() and so.served() and Discovery.calls == 1
+    now[0] = 61.0
+    assert so.served() and Discovery.calls == 2

@@ -26,7 +26,8 @@ SEL = CanarySelector(model_name="digits", pod_prefix="digits-canary-", archive_v
 
 REQ = 'ts_inference_requests_total{model_name="digits",hostname=~"digits-canary-.+"}'
 BUCKETS = (
-    'flownexus_inference_latency_seconds_bucket{ModelName="digits",Hostname=~"digits-canary-.+",ModelVersion="2.0.0"}'
+    'flownexus_edge_request_duration_seconds_bucket{ModelName="digits",Hostname=~"digits-canary-.+",'
+    'ModelVersion="2.0.0",code="2xx"}'
 )
 
 
@@ -39,7 +40,7 @@ def test_error_rate_query_is_5xx_over_all_requests_of_the_canary() -> None:
     )
 
 
-def test_p99_query_uses_the_handler_histogram_buckets() -> None:
+def test_p99_query_uses_the_edge_histogram_buckets_of_answered_requests_on_live_hosts() -> None:
     assert latency_p99_ms_query(SEL, "1m") == (
         f"histogram_quantile(0.99, sum by (le) (rate({BUCKETS}[1m]) and on (Hostname) {BUCKETS})) * 1000"
     )
@@ -53,6 +54,14 @@ def test_requests_are_not_selected_by_version() -> None:
 def test_queries_without_a_known_archive_version_select_by_pod_only() -> None:
     sel = CanarySelector(model_name="digits", pod_prefix="digits-canary-")
     assert "ModelVersion" not in latency_p99_ms_query(sel, "5m")
+    buckets = (
+        'flownexus_edge_request_duration_seconds_bucket{ModelName="digits",Hostname=~"digits-canary-.+",code="2xx"}'
+    )
+    assert latency_p99_ms_query(sel, "5m").count(buckets) == 2  # the rate and the live-host filter
+
+
+def test_p99_no_longer_reads_the_handler_histogram() -> None:
+    assert "flownexus_inference_latency_seconds" not in latency_p99_ms_query(SEL, "5m")
 
 
 def test_label_values_are_escaped() -> None:

@@ -206,7 +206,8 @@ class ServingSpec(ApiModel):
 
 
 class AutoscalingSpec(ApiModel):
-    """The HorizontalPodAutoscaler of the stable version."""
+    """The stable version's autoscaler: a HorizontalPodAutoscaler, or a KEDA ScaledObject with
+    targetRequestsPerSecond."""
 
     cel_rules: ClassVar[list[CelRule]] = [
         {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must be <= maxReplicas"},
@@ -234,7 +235,10 @@ class AutoscalingSpec(ApiModel):
         default=None,
         gt=0.0,
         le=1_000_000.0,
-        description="Also scale on requests per second per pod (needs a custom metrics API).",
+        description="Also scale on the requests per second the stable pods receive, as an average per pod. Needs "
+        "KEDA (keda.sh/v1alpha1 ScaledObject) and the NeuralCluster's prometheusUrl: the operator then makes a "
+        "ScaledObject (CPU, memory and this rate) instead of its HPA; without them the HPA scales on CPU and "
+        "memory only and the RequestRateAutoscaling condition says why.",
     )
 
     @model_validator(mode="after")

@@ -1,8 +1,12 @@
-"""Children of a ModelDeployment: TorchServe Deployments (stable, canary), their ConfigMap, Service, HPA, PDB,
-NetworkPolicy.
+"""Children of a ModelDeployment: TorchServe Deployments (stable, canary), their ConfigMap, Service, HPA (or KEDA
+ScaledObject), PDB, NetworkPolicy.
 
 TorchServe runs hardened: the management API listens on 127.0.0.1 only and is never on the Service, model
 registration through the API is off, the model store holds exactly one archive, and gRPC binds to loopback.
+Every pod's edge is the proxy sidecar (``pod/auth_proxy.py``): it owns the inference port (checking the bearer
+token when ``spec.serving.inferenceTokenSecret`` is set, admitting every request otherwise) and the metrics port
+(TorchServe's metrics plus its own request histogram, the latency a client sees); TorchServe's inference and
+metrics listeners are on loopback behind it.
 An init container copies the archive from the artifact PVC into an emptyDir model store and renders
 ``config.properties``: it reads the archive's own version from ``MAR-INF/MANIFEST.json``, because
 TorchServe applies per-model settings (batch size, delay, workers) only under that exact version key.
@@ -21,6 +25,7 @@ from ..api.common import duration_seconds
 from ..api.modeldeployment import MONITORING_NAMESPACE, ModelDeploymentSpec, ServingTemplate, namespace_peer
 from ..api.neuralcluster import NeuralClusterSpec
 from ..meta import Manifest, OwnedContext, child_metadata, pod_placement
+from ..prometheus import stable_requests_per_second_query
 from ..store import (
     ARTIFACT_ROOT,
     artifacts_read_only,
@@ -37,9 +42,10 @@ Track = Literal["stable", "canary"]
 
 INFERENCE_PORT = 8080
 MANAGEMENT_PORT = 8081  # 127.0.0.1 only
-METRICS_PORT = 8082
-# With token authorization on, TorchServe's own inference listener moves to loopback behind the auth proxy.
+METRICS_PORT = 8082  # the proxy: TorchServe's metrics followed by the edge's own
+# TorchServe's own inference and metrics listeners, on loopback behind the proxy.
 UPSTREAM_INFERENCE_PORT = 8079
+UPSTREAM_METRICS_PORT = 8083
 TEMPLATE_DIR = "/etc/flownexus"
 SERVE_ROOT = "/srv/flownexus"
 MODEL_STORE = f"{SERVE_ROOT}/model-store"
@@ -89,6 +95,10 @@ class ServedModel:
     version: str
     archive: str  # relative to the artifact store root
     training_job: str | None = None
+    # The version in the archive's manifest when the operator knows it (decide.Source.archive_version, the one
+    # CanarySelector.archive_version filters on): the proxy's ModelVersion label. Unknown: the proxy reads it
+    # from the models= line the init container renders from the manifest.
+    archive_version: str | None = None
 
 
 def deployment_name(name: str, track: Track) -> str:
@@ -197,14 +207,13 @@ def max_replicas(spec: ModelDeploymentSpec) -> int:
 
 
 def config_properties(ctx: ServingContext) -> str:
-    """The static part of TorchServe's config.properties; the init container appends ``models=``."""
-    inference_host = "127.0.0.1" if ctx.token_auth else "0.0.0.0"
-    inference_port = UPSTREAM_INFERENCE_PORT if ctx.token_auth else INFERENCE_PORT
+    """The static part of TorchServe's config.properties; the init container appends ``models=``. Every
+    listener is on loopback: the proxy is the pod's edge for inference and metrics."""
     lines = [
         "# Rendered by the Flow Nexus operator; the init container appends the per-model settings.",
-        f"inference_address=http://{inference_host}:{inference_port}",
+        f"inference_address=http://127.0.0.1:{UPSTREAM_INFERENCE_PORT}",
         f"management_address=http://127.0.0.1:{MANAGEMENT_PORT}",
-        f"metrics_address=http://0.0.0.0:{METRICS_PORT}",
+        f"metrics_address=http://127.0.0.1:{UPSTREAM_METRICS_PORT}",
         "grpc_inference_address=127.0.0.1",
         "grpc_management_address=127.0.0.1",
         "metrics_mode=prometheus",
@@ -232,7 +241,7 @@ def config_properties(ctx: ServingContext) -> str:
         # TorchServe 0.12's token authorization cannot guard management alone: it also demands a per-pod,
         # random, expiring key on inference, which clients behind a Service cannot know. Management is
         # instead unreachable from outside the pod (loopback only, not on the Service, not in the
-        # NetworkPolicy). spec.serving.inferenceTokenSecret turns token authorization on with the proxy.
+        # NetworkPolicy). spec.serving.inferenceTokenSecret turns token authorization on in the proxy.
         lines.append("disable_token_authorization=true")
     return "\n".join(lines) + "\n"
 
@@ -257,9 +266,8 @@ def build_config_map(ctx: ServingContext, track: Track = "stable") -> Manifest:
         "model-settings.json": json.dumps(model_settings(ctx), indent=2, sort_keys=True),
         "prepare.py": pod.source("prepare"),
         "probe.py": pod.source("probe"),
+        "auth_proxy.py": pod.source("auth_proxy"),
     }
-    if ctx.token_auth:
-        data["auth_proxy.py"] = pod.source("auth_proxy")
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -301,9 +309,6 @@ _RESTRICTED: Manifest = {
 
 def _server_container(ctx: ServingContext) -> Manifest:
     resources = (ctx.spec.serving.resources or ctx.cluster.default_serving_resources).to_wire()
-    ports = [{"name": "metrics", "containerPort": METRICS_PORT}]
-    if not ctx.token_auth:
-        ports.insert(0, {"name": "inference", "containerPort": INFERENCE_PORT})
     return {
         "name": "torchserve",
         "image": ctx.cluster.images.server,
@@ -326,7 +331,7 @@ def _server_container(ctx: ServingContext) -> Manifest:
             {"name": "OMP_NUM_THREADS", "value": "1"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
         ],
-        "ports": ports,
+        # No ports: TorchServe listens on loopback only, behind the proxy.
         "resources": resources,
         # Ready = the model is registered and a worker is READY (describe-model on the loopback management API).
         "startupProbe": _exec_probe(period=5, failures=60),
@@ -348,26 +353,47 @@ def _server_container(ctx: ServingContext) -> Manifest:
     }
 
 
-def _proxy_container(ctx: ServingContext) -> Manifest:
+def _proxy_container(ctx: ServingContext, model: ServedModel) -> Manifest:
+    """The pod's edge: the inference and metrics ports. The token file, and TorchServe's key file (the run dir)
+    only with spec.serving.inferenceTokenSecret; its Hostname label is the pod name (HOSTNAME)."""
+    env: list[Manifest] = [
+        {"name": "FLOWNEXUS_PROXY_PORT", "value": str(INFERENCE_PORT)},
+        {"name": "FLOWNEXUS_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "FLOWNEXUS_UPSTREAM_PORT", "value": str(UPSTREAM_INFERENCE_PORT)},
+        {"name": "FLOWNEXUS_UPSTREAM_METRICS_PORT", "value": str(UPSTREAM_METRICS_PORT)},
+        {"name": "FLOWNEXUS_CONF_FILE", "value": f"{CONF_DIR}/config.properties"},
+        {"name": "FLOWNEXUS_MODEL_NAME", "value": ctx.model_name},
+        # Answer while the endpoint is removed, as TorchServe does (its preStop), then finish what is in flight.
+        {"name": "FLOWNEXUS_PROXY_DRAIN_S", "value": str(PRE_STOP_DRAIN_S)},
+    ]
+    if model.archive_version:
+        env.append({"name": "FLOWNEXUS_MODEL_VERSION", "value": model.archive_version})
+    mounts: list[Manifest] = [
+        {"name": "templates", "mountPath": TEMPLATE_DIR, "readOnly": True},
+        {"name": "conf", "mountPath": CONF_DIR, "readOnly": True},
+    ]
+    if ctx.token_auth:
+        env += [
+            {"name": "FLOWNEXUS_RUN_DIR", "value": RUN_DIR},
+            {"name": "FLOWNEXUS_TOKEN_FILE", "value": f"{TOKEN_DIR}/key"},
+        ]
+        mounts += [
+            {"name": "run", "mountPath": RUN_DIR, "readOnly": True},
+            {"name": "inference-token", "mountPath": TOKEN_DIR, "readOnly": True},
+        ]
     return {
         "name": "auth-proxy",
         "image": ctx.cluster.images.server,
         "imagePullPolicy": ctx.cluster.images.pull_policy,
         "command": ["python", f"{TEMPLATE_DIR}/auth_proxy.py"],
-        "env": [
-            {"name": "FLOWNEXUS_PROXY_PORT", "value": str(INFERENCE_PORT)},
-            {"name": "FLOWNEXUS_UPSTREAM_PORT", "value": str(UPSTREAM_INFERENCE_PORT)},
-            {"name": "FLOWNEXUS_RUN_DIR", "value": RUN_DIR},
-            {"name": "FLOWNEXUS_TOKEN_FILE", "value": f"{TOKEN_DIR}/key"},
+        "env": env,
+        "ports": [
+            {"name": "inference", "containerPort": INFERENCE_PORT},
+            {"name": "metrics", "containerPort": METRICS_PORT},
         ],
-        "ports": [{"name": "inference", "containerPort": INFERENCE_PORT}],
         "readinessProbe": {"tcpSocket": {"port": INFERENCE_PORT}, "periodSeconds": 10},
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}},
-        "volumeMounts": [
-            {"name": "templates", "mountPath": TEMPLATE_DIR, "readOnly": True},
-            {"name": "run", "mountPath": RUN_DIR, "readOnly": True},
-            {"name": "inference-token", "mountPath": TOKEN_DIR, "readOnly": True},
-        ],
+        "volumeMounts": mounts,
         "securityContext": dict(_RESTRICTED),
     }
 
@@ -436,10 +462,9 @@ def build_deployment(
         {"name": "run", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
     ]
-    containers = [_server_container(ctx)]
+    containers = [_server_container(ctx), _proxy_container(ctx, model)]
     secret = ctx.spec.serving.inference_token_secret
     if secret is not None:
-        containers.append(_proxy_container(ctx))
         volumes.append(
             {"name": "inference-token", "secret": {"secretName": secret, "items": [{"key": "key", "path": "key"}]}}
         )
@@ -492,9 +517,18 @@ def build_service(ctx: ServingContext, route_canary: bool) -> Manifest:
     }
 
 
+def _hpa_behavior(ctx: ServingContext) -> Manifest:
+    auto = ctx.spec.autoscaling
+    return {
+        "scaleUp": {"stabilizationWindowSeconds": int(duration_seconds(auto.scale_up_stabilization))},
+        "scaleDown": {"stabilizationWindowSeconds": int(duration_seconds(auto.scale_down_stabilization))},
+    }
+
+
 def build_hpa(ctx: ServingContext) -> Manifest | None:
-    """The stable Deployment's HPA (CPU, optionally memory and requests per second per pod, stabilization
-    windows for both directions); None when disabled."""
+    """The stable Deployment's HPA (CPU, optionally memory, stabilization windows for both directions); None
+    when disabled. Requests per second are KEDA's part (:func:`build_scaled_object`): no metric here that
+    nothing serves."""
     auto = ctx.spec.autoscaling
     if not auto.enabled:
         return None
@@ -517,17 +551,6 @@ def build_hpa(ctx: ServingContext) -> Manifest | None:
                 },
             }
         )
-    if auto.target_requests_per_second is not None:
-        # Served by a custom metrics adapter (e.g. prometheus-adapter) from TorchServe's request counter.
-        metrics.append(
-            {
-                "type": "Pods",
-                "pods": {
-                    "metric": {"name": "ts_inference_requests_per_second"},
-                    "target": {"type": "AverageValue", "averageValue": _quantity(auto.target_requests_per_second)},
-                },
-            }
-        )
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -541,16 +564,77 @@ def build_hpa(ctx: ServingContext) -> Manifest | None:
             "minReplicas": auto.min_replicas,
             "maxReplicas": auto.max_replicas,
             "metrics": metrics,
-            "behavior": {
-                "scaleUp": {"stabilizationWindowSeconds": int(duration_seconds(auto.scale_up_stabilization))},
-                "scaleDown": {"stabilizationWindowSeconds": int(duration_seconds(auto.scale_down_stabilization))},
-            },
+            "behavior": _hpa_behavior(ctx),
         },
     }
 
 
-def _quantity(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
+KEDA_API_VERSION = "keda.sh/v1alpha1"
+REQUESTS_PER_SECOND_WINDOW = "1m"
+
+
+def scaled_object_name(name: str) -> str:
+    """The ScaledObject of the stable Deployment: named like our HPA, which it replaces."""
+    return deployment_name(name, "stable")
+
+
+def keda_hpa_name(name: str) -> str:
+    """The HPA that KEDA makes from the ScaledObject. Not our HPA's name: KEDA's HPA is owned by the ScaledObject
+    and carries its labels, so under our HPA's name it would read as a foreign object taking our child's name
+    (and KEDA's webhook refuses a ScaledObject while another HPA targets the Deployment). At most 62 characters:
+    KEDA also puts it in a label value."""
+    return f"{deployment_name(name, 'stable')}-keda"
+
+
+def _decimal(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def build_scaled_object(ctx: ServingContext, prometheus_url: str) -> Manifest | None:
+    """spec.autoscaling.targetRequestsPerSecond through KEDA: a ScaledObject of the stable Deployment with the
+    HPA's CPU (and memory) targets and a prometheus trigger on the requests per second the stable pods' edge
+    proxies count, as an average per pod; the HPA KEDA makes from it has our stabilization windows. None when
+    autoscaling is off or no request rate is set (then :func:`build_hpa`)."""
+    auto = ctx.spec.autoscaling
+    if not auto.enabled or auto.target_requests_per_second is None:
+        return None
+    triggers: list[Manifest] = [
+        {"type": "cpu", "metricType": "Utilization", "metadata": {"value": str(auto.target_cpu_utilization)}}
+    ]
+    if auto.target_memory_utilization is not None:
+        triggers.append(
+            {"type": "memory", "metricType": "Utilization", "metadata": {"value": str(auto.target_memory_utilization)}}
+        )
+    query = stable_requests_per_second_query(ctx.model_name, pod_prefix(ctx.name, "stable"), REQUESTS_PER_SECOND_WINDOW)
+    triggers.append(
+        {
+            "type": "prometheus",
+            "metricType": "AverageValue",
+            "metadata": {
+                "serverAddress": prometheus_url,
+                "query": query,
+                "threshold": _decimal(auto.target_requests_per_second),
+            },
+        }
+    )
+    return {
+        "apiVersion": KEDA_API_VERSION,
+        "kind": "ScaledObject",
+        "metadata": child_metadata(ctx.owner, scaled_object_name(ctx.name), "server"),
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": deployment_name(ctx.name, "stable"),
+            },
+            "minReplicaCount": auto.min_replicas,
+            "maxReplicaCount": auto.max_replicas,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {"name": keda_hpa_name(ctx.name), "behavior": _hpa_behavior(ctx)}
+            },
+            "triggers": triggers,
+        },
+    }
 
 
 def build_pdb(ctx: ServingContext) -> Manifest:

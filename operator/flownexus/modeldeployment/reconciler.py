@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from ..api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
 from ..api.trainingjob import TrainingJobStatus
-from ..meta import Manifest
+from ..meta import Manifest, set_condition
 from ..metrics import CANARY_DECISIONS
 from ..neuralcluster.reconciler import cluster_view
 from ..prometheus import (
@@ -50,12 +50,14 @@ from .children import (
     build_hpa,
     build_network_policy,
     build_pdb,
+    build_scaled_object,
     build_service,
     build_smoke_job,
     config_hash,
     deployment_name,
     endpoint,
     pod_prefix,
+    scaled_object_name,
     serving_template,
     smoke_duration_s,
     smoke_job_name,
@@ -64,6 +66,7 @@ from .children import (
 )
 from .decide import (
     DeploymentView,
+    Event,
     Measurement,
     MetricReading,
     Observed,
@@ -74,6 +77,9 @@ from .decide import (
     seconds_to_next_analysis,
     wants_tick,
 )
+from .keda import CONDITION as REQUEST_RATE_CONDITION
+from .keda import KIND as SCALED_OBJECT
+from .keda import Autoscaler, NoKeda, ScaledObjects, choose
 
 log = logging.getLogger(__name__)
 KIND = "ModelDeployment"
@@ -235,11 +241,17 @@ def measure(provider: MetricsProvider | None, ctx: ServingContext, sel: CanarySe
 
 
 def actions(
-    ctx: ServingContext, plan: Plan, obs: Observed, smoke_jobs: Mapping[str, str | None] | None = None
+    ctx: ServingContext,
+    plan: Plan,
+    obs: Observed,
+    smoke_jobs: Mapping[str, str | None] | None = None,
+    autoscaler: Autoscaler | None = None,
 ) -> list[Action]:
     """The plan as actions, in runbook order (the loop has already recorded the status); ``smoke_jobs``: the
-    smoke Jobs of this deployment that exist, by name, with the canary revision each was made for."""
+    smoke Jobs of this deployment that exist, by name, with the canary revision each was made for;
+    ``autoscaler``: our HPA (the default) or a KEDA ScaledObject."""
     st, name = plan.status, ctx.name
+    autoscaler = autoscaler or Autoscaler()
     out: list[Action] = []
     canary_name = deployment_name(name, "canary")
     if st.stable is not None and st.stable.archive is not None:
@@ -249,7 +261,11 @@ def actions(
         config_map = build_config_map(stable_ctx)
         digest = config_hash(config_map)
         out.append(Apply(config_map))
-        hpa = build_hpa(ctx)
+        hpa = build_hpa(ctx) if not autoscaler.scaled_object else None
+        if autoscaler.remove_scaled_object:
+            # Before our HPA comes back: the HPA KEDA made from it goes with it (owner reference).
+            out.append(Delete(SCALED_OBJECT, scaled_object_name(name)))
+        # With KEDA our HPA goes first: KEDA refuses a ScaledObject for a Deployment another HPA scales.
         out.append(
             Apply(hpa) if hpa is not None else Delete("HorizontalPodAutoscaler", deployment_name(name, "stable"))
         )
@@ -264,6 +280,10 @@ def actions(
         else:
             replicas = ctx.spec.serving.replicas
             out.append(Apply(build_deployment(stable_ctx, "stable", model, replicas, digest, stable_hash)))
+        scaled_object = build_scaled_object(ctx, autoscaler.prometheus_url) if autoscaler.scaled_object else None
+        if scaled_object is not None:
+            # After the Deployment: KEDA's webhook reads it (its containers' requests) before admitting this.
+            out.append(Apply(scaled_object))
         if plan.canary_action == "ensure" and st.canary is not None and st.canary.archive is not None:
             canary = ServedModel(st.canary.version, st.canary.archive, st.canary.training_job)
             canary_ctx = with_template(ctx, st.canary.template) if st.canary.template is not None else ctx
@@ -330,10 +350,15 @@ class ModelDeploymentReconciler:
         cache: Cache,
         provider_factory: ProviderFactory = HttpPrometheus,
         clock: Callable[[], datetime] | None = None,
+        scaled_objects: ScaledObjects | None = None,
     ) -> None:
         self.cache = cache
         self.provider_factory = provider_factory
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.scaled_objects: ScaledObjects = scaled_objects or NoKeda()
+        # ModelDeployments (uids) whose ScaledObject was read and found missing: not read again until one is
+        # wanted (or the cache holds one, written through by an apply).
+        self._without_scaled_object: set[str] = set()
 
     def _deployment(self, obj: Manifest, track: Literal["stable", "canary"]) -> DeploymentView | None:
         dep = self.cache.get(
@@ -355,6 +380,26 @@ class ModelDeploymentReconciler:
             job["metadata"]["name"]: (job["metadata"].get("annotations") or {}).get(SMOKE_REVISION_ANNOTATION)
             for job in self.cache.list("Job", obj["metadata"]["namespace"], where=ours)
         }
+
+    def _autoscaler(self, ctx: ServingContext) -> Autoscaler:
+        """Our HPA or KEDA's ScaledObject. Where ScaledObjects are served, this ModelDeployment's is read (into
+        the cache, for the controller's ownership check and apply skip) while one is wanted, while the cache
+        holds one, and once after the operator starts."""
+        meta = ctx.owner["metadata"]
+        ns, uid, name = meta["namespace"], meta["uid"], scaled_object_name(meta["name"])
+        auto = ctx.spec.autoscaling
+        wanted = auto.enabled and auto.target_requests_per_second is not None
+        served, exists = self.scaled_objects.served(), False
+        if served and (wanted or uid not in self._without_scaled_object or self.cache.get(SCALED_OBJECT, ns, name)):
+            found = self.scaled_objects.get(ns, name)
+            if found is None:
+                self.cache.remove(SCALED_OBJECT, ns, name)
+                self._without_scaled_object.add(uid)
+            else:
+                self.cache.upsert(found)
+                self._without_scaled_object.discard(uid)
+            exists = found is not None and controller_uid(found) == uid
+        return choose(ctx.spec, ctx.cluster.prometheus_url, served, exists)
 
     def reconcile(self, obj: Manifest) -> Outcome:
         spec: ModelDeploymentSpec = parse_spec(ModelDeploymentSpec, obj)
@@ -392,10 +437,47 @@ class ModelDeploymentReconciler:
             log.info("%s/%s: %s -> %s (%s)", ns, name, status.phase, plan.status.phase, plan.status.message)
         for decision in plan.decisions:
             CANARY_DECISIONS.labels(decision).inc()
+        autoscaler = self._autoscaler(ctx) if ctx is not None else None
+        if autoscaler is not None:
+            request_rate_condition(name, spec, plan, status, autoscaler, generation)
         todo: list[Action] = [Emit(e.type, e.reason, e.message) for e in plan.events]
         if ctx is not None:
-            todo = actions(ctx, plan, observed, self._smoke_jobs(obj))
-        return Outcome(status=status_wire(plan.status), actions=todo, requeue_after=next_look(spec, plan, now))
+            todo = actions(ctx, plan, observed, self._smoke_jobs(obj), autoscaler)
+        requeue = next_look(spec, plan, now)
+        if autoscaler is not None and autoscaler.reason == "KEDANotServed":
+            requeue = min(requeue or RESYNC_S, RESYNC_S)  # KEDA may be installed: no watch says so
+        return Outcome(status=status_wire(plan.status), actions=todo, requeue_after=requeue)
+
+
+def request_rate_condition(
+    name: str,
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    before: ModelDeploymentStatus,
+    autoscaler: Autoscaler,
+    generation: int | None,
+) -> None:
+    """The RequestRateAutoscaling condition, present while spec.autoscaling.targetRequestsPerSecond is set (and
+    autoscaling on): True while KEDA's ScaledObject scales the stable Deployment, False with why not (our HPA
+    on CPU and memory stands in meanwhile). An Event when it turns or its reason changes: Warning when False."""
+    st, auto = plan.status, spec.autoscaling
+    rate = auto.target_requests_per_second
+    if not auto.enabled or rate is None:
+        st.conditions = [c for c in st.conditions if c.type != REQUEST_RATE_CONDITION]
+        return
+    if autoscaler.scaled_object:
+        on = "CPU" + (", memory" if auto.target_memory_utilization is not None else "")
+        message = (
+            f"KEDA ScaledObject {scaled_object_name(name)} scales the stable Deployment on {on} "
+            f"and {rate:g} requests per second per pod"
+        )
+    else:
+        message = autoscaler.problem
+    value = "True" if autoscaler.scaled_object else "False"
+    previous = next((c for c in before.conditions if c.type == REQUEST_RATE_CONDITION), None)
+    st.conditions = set_condition(st.conditions, REQUEST_RATE_CONDITION, value, autoscaler.reason, message, generation)
+    if previous is None or (previous.status, previous.reason) != (value, autoscaler.reason):
+        plan.events.append(Event("Normal" if value == "True" else "Warning", autoscaler.reason, message))
 
 
 def next_look(spec: ModelDeploymentSpec, plan: Plan, now: datetime) -> float | None:

@@ -59,6 +59,9 @@ PLURALS: dict[str, tuple[str, str]] = {
     "NeuralCluster": ("flownexus.io/v1alpha1", "neuralclusters"),
     "TrainingJob": ("flownexus.io/v1alpha1", "trainingjobs"),
     "ModelDeployment": ("flownexus.io/v1alpha1", "modeldeployments"),
+    # Optional: served only where KEDA is installed. Never listed or watched (a missing CRD must not break the
+    # operator's start); read with get where it is served (:meth:`Client.serves`).
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
 }
 
 
@@ -176,6 +179,17 @@ class Client:
         return parsed
 
     # ---- verbs -------------------------------------------------------------------------------------
+
+    def serves(self, kind: str) -> bool:
+        """Whether the API server serves ``kind`` now (discovery of its group version, which every
+        authenticated user may read): False when the group version is unknown (404), e.g. a CRD not installed."""
+        api_version, plural = PLURALS[kind]
+        try:
+            url_path = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+            found = self.request("GET", url_path, kind="discovery")
+        except NotFound:
+            return False
+        return any(r.get("name") == plural for r in found.get("resources") or [])
 
     def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
         """The object, or None when it does not exist."""

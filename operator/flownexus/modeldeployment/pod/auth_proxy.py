@@ -1,5 +1,15 @@
-"""Flow Nexus inference auth proxy: admits requests bearing the Secret's token, forwards them to TorchServe
-on loopback with the pod's own TorchServe inference key. /ping stays open for the liveness probe.
+"""Flow Nexus serving pod's edge: every inference request reaches TorchServe (on loopback) through this proxy.
+
+With a token file (``spec.serving.inferenceTokenSecret``) it admits only requests bearing the Secret's token and
+forwards them with the pod's own TorchServe inference key; without one it admits every request (TorchServe's
+token authorization is then off). /ping stays open for the liveness probe.
+
+It measures what a client sees: ``flownexus_edge_request_duration_seconds`` (a histogram, from the end of a
+request's headers to the last byte of its response: TorchServe's queue and batching delay, the handler, and the
+proxy) and ``flownexus_edge_requests_total``, labelled ``ModelName`` (from ``/predictions/<model>``),
+``ModelVersion``, ``Hostname`` (the pod) and ``code`` (``2xx``, ``4xx``, ``5xx``, the proxy's own answers
+included). On the metrics port it serves ``/metrics``: TorchServe's metrics (fetched from its loopback metrics
+listener per scrape) followed by its own, so that the pod is scraped on one port as before.
 
 Hardened against clients it has not authenticated yet:
 
@@ -37,6 +47,7 @@ import math
 import os
 import re
 import selectors
+import signal
 import socket
 import sys
 import threading
@@ -59,6 +70,7 @@ DEFAULT_TOKEN_REFRESH_S = 5.0
 UPSTREAM_TIMEOUT_S = 300.0  # TorchServe answers within its own response timeout (120 s)
 MAX_HEADER_BYTES = 64 * 1024  # request line + headers of one request
 MAX_TOKEN_BYTES = 4096
+STOP_GRACE_S = 20.0  # after SIGTERM and the drain, how long requests in flight may still take
 LINGER_S = 2.0  # how long a closed connection's late input is discarded before the socket is closed
 CHUNK = 64 * 1024
 MAX_CHUNK_LINE = 4096
@@ -69,6 +81,14 @@ ENV_MAX_INFLIGHT = "FLOWNEXUS_PROXY_MAX_INFLIGHT"
 ENV_HEADER_TIMEOUT_S = "FLOWNEXUS_PROXY_HEADER_TIMEOUT_S"
 ENV_CLIENT_TIMEOUT_S = "FLOWNEXUS_PROXY_CLIENT_TIMEOUT_S"
 ENV_TOKEN_REFRESH_S = "FLOWNEXUS_PROXY_TOKEN_REFRESH_S"
+ENV_MODEL_VERSION = "FLOWNEXUS_MODEL_VERSION"
+ENV_CONF_FILE = "FLOWNEXUS_CONF_FILE"  # config.properties with the init container's models= line
+ENV_UPSTREAM_METRICS_PORT = "FLOWNEXUS_UPSTREAM_METRICS_PORT"
+ENV_DRAIN_S = "FLOWNEXUS_PROXY_DRAIN_S"
+UPSTREAM_METRICS_TIMEOUT_S = 3.0  # per scrape; Prometheus' own scrape timeout is 10 s by default
+MAX_UPSTREAM_METRICS_BYTES = 32 * MIB
+METRICS_MAX_INFLIGHT = 4  # scrapes served at once on the metrics port (its own slots, apart from inference)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Hop-by-hop headers (plus the ones the proxy sets itself): never forwarded either way.
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
@@ -83,18 +103,24 @@ class Settings:
     """Where to forward, where the token is, and the limits; read once at start."""
 
     upstream_port: int
-    token_file: str
-    run_dir: str
+    token_file: str | None = None  # None: every request is admitted (no inferenceTokenSecret)
+    run_dir: str | None = None  # where TorchServe's key_file.json is; needed with a token file
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
     token_refresh_s: float = DEFAULT_TOKEN_REFRESH_S
     upstream_timeout_s: float = UPSTREAM_TIMEOUT_S
+    upstream_metrics_port: int | None = None  # TorchServe's metrics listener on loopback, when there is one
+    model_version: str = ""  # the ModelVersion label: the served archive's version
+    hostname: str = ""  # the Hostname label: the pod's name
+    model_name: str = ""  # the model the pod serves: always its own ModelName, whatever other URLs clients try
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0 or self.max_inflight < 1:
             raise ValueError("the body cap must be >= 0 and the in-flight cap >= 1")
+        if self.token_file is not None and not self.run_dir:
+            raise ValueError("a token file needs the run dir (TorchServe's inference key)")
         timeouts = (self.header_timeout_s, self.client_timeout_s, self.token_refresh_s, self.upstream_timeout_s)
         if not all(math.isfinite(t) and t > 0 for t in timeouts):
             raise ValueError("timeouts and the token refresh interval must be positive")
@@ -110,16 +136,39 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
+        token_file = env.get("FLOWNEXUS_TOKEN_FILE", "").strip() or None
+        metrics_port = env.get(ENV_UPSTREAM_METRICS_PORT, "").strip()
+        version = env.get(ENV_MODEL_VERSION, "").strip()
+        if not version and env.get(ENV_CONF_FILE, "").strip():
+            version = served_version(env[ENV_CONF_FILE].strip())
         return cls(
             upstream_port=int(env["FLOWNEXUS_UPSTREAM_PORT"]),
-            token_file=env["FLOWNEXUS_TOKEN_FILE"],
-            run_dir=env["FLOWNEXUS_RUN_DIR"],
+            token_file=token_file,
+            run_dir=env["FLOWNEXUS_RUN_DIR"] if token_file is not None else env.get("FLOWNEXUS_RUN_DIR") or None,
             max_body_bytes=number(ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES, int),
             max_inflight=number(ENV_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT, int),
             header_timeout_s=number(ENV_HEADER_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, float),
             client_timeout_s=number(ENV_CLIENT_TIMEOUT_S, DEFAULT_CLIENT_TIMEOUT_S, float),
             token_refresh_s=number(ENV_TOKEN_REFRESH_S, DEFAULT_TOKEN_REFRESH_S, float),
+            upstream_metrics_port=int(metrics_port) if metrics_port else None,
+            model_version=version,
+            hostname=env.get("HOSTNAME", "").strip() or socket.gethostname(),
+            model_name=env.get("FLOWNEXUS_MODEL_NAME", "").strip(),
         )
+
+
+def served_version(config_file: str) -> str:
+    """The archive's own version from the ``models={name: {version: ...}}`` line the init container appended to
+    config.properties (the version TorchServe labels its model metrics with); "" when it cannot be read."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            lines = [line for line in f if line.startswith("models=")]
+        models = json.loads(lines[-1].removeprefix("models="))
+        versions = {str(v) for per_model in models.values() for v in per_model}
+    except (OSError, IndexError, ValueError, AttributeError, TypeError) as exc:
+        log.warning("no model version in %s (%s): ModelVersion is empty", config_file, type(exc).__name__)
+        return ""
+    return versions.pop() if len(versions) == 1 else ""
 
 
 def torchserve_key(run_dir: str) -> str:
@@ -195,6 +244,133 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+# ---- the edge metrics ------------------------------------------------------------------------------------------
+
+DURATION = "flownexus_edge_request_duration_seconds"
+REQUESTS = "flownexus_edge_requests_total"
+BUSY_REJECTIONS = "flownexus_edge_busy_rejections_total"
+UPSTREAM_METRICS_UP = "flownexus_edge_upstream_metrics_up"
+# Seconds, suited to model serving: sub-millisecond proxying up to TorchServe's response timeout's range.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_MODEL_NAMES = 16  # distinct other ModelName values; further ones are recorded as "" (clients choose the URL)
+_PREDICTIONS = re.compile(r"/predictions/([^/?#]+)(?:/[^/?#]*)?(?:[?#].*)?")
+
+
+def model_name(path: str) -> str:
+    """The model a request names: ``/predictions/<model>[/<version>]``; "" for any other path."""
+    match = _PREDICTIONS.fullmatch(path)
+    return match.group(1) if match else ""
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return repr(float(value))
+
+
+class EdgeMetrics:
+    """The proxy's request histogram and counters, thread-safe, written in Prometheus' text format (0.0.4)."""
+
+    def __init__(
+        self, model_version: str, hostname: str, served_model: str = "", buckets: tuple[float, ...] = BUCKETS
+    ) -> None:
+        self.model_version = model_version
+        self.hostname = hostname
+        self.served_model = served_model  # never crowded out by the bound on other names
+        self.buckets = buckets
+        self._lock = threading.Lock()
+        # (ModelName, code) -> per-bucket counts (not cumulative; the last one is +Inf), sum, count
+        self._series: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        self._models: set[str] = set()
+        self._busy = 0
+
+    def observe(self, model: str, status: int, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        index = next((i for i, bound in enumerate(self.buckets) if seconds <= bound), len(self.buckets))
+        with self._lock:
+            if model != self.served_model and model not in self._models:
+                if len(self._models) >= MAX_MODEL_NAMES:
+                    model = ""
+                else:
+                    self._models.add(model)
+            counts, total = self._series.setdefault(
+                (model, status_class(status)), ([0] * (len(self.buckets) + 1), [0.0])
+            )
+            counts[index] += 1
+            total[0] += seconds
+
+    def busy(self) -> None:
+        """A connection answered 503 before its request was read (the in-flight cap)."""
+        with self._lock:
+            self._busy += 1
+
+    def render(self, upstream_up: bool | None = None) -> str:
+        """The exposition text; ``upstream_up`` adds the gauge saying whether TorchServe's metrics came along."""
+        with self._lock:
+            series = sorted((key, list(counts), total[0]) for key, (counts, total) in self._series.items())
+            busy = self._busy
+        lines = [
+            f"# HELP {DURATION} Time from the end of a request's headers to the last byte of its response at the "
+            "serving pod's edge (TorchServe's queue, batching delay and handler, and the proxy).",
+            f"# TYPE {DURATION} histogram",
+        ]
+        counters = []
+        for (model, code), counts, total in series:
+            labels = (
+                f'ModelName="{_label_value(model)}",ModelVersion="{_label_value(self.model_version)}",'
+                f'Hostname="{_label_value(self.hostname)}",code="{code}"'
+            )
+            cumulative = 0
+            for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
+                cumulative += count
+                lines.append(f'{DURATION}_bucket{{{labels},le="{_number(bound)}"}} {cumulative}')
+            lines.append(f"{DURATION}_sum{{{labels}}} {_number(total)}")
+            lines.append(f"{DURATION}_count{{{labels}}} {cumulative}")
+            counters.append(f"{REQUESTS}{{{labels}}} {cumulative}")
+        lines += [
+            f"# HELP {REQUESTS} Requests answered at the serving pod's edge (the proxy's own 401/413/503 included).",
+            f"# TYPE {REQUESTS} counter",
+            *counters,
+            f"# HELP {BUSY_REJECTIONS} Connections answered 503 at the in-flight cap before their request was read.",
+            f"# TYPE {BUSY_REJECTIONS} counter",
+            f"{BUSY_REJECTIONS} {busy}",
+        ]
+        if upstream_up is not None:
+            lines += [
+                f"# HELP {UPSTREAM_METRICS_UP} Whether TorchServe's metrics could be read for this scrape.",
+                f"# TYPE {UPSTREAM_METRICS_UP} gauge",
+                f"{UPSTREAM_METRICS_UP} {int(upstream_up)}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def upstream_metrics(port: int, path: str, timeout_s: float) -> str | None:
+    """TorchServe's metrics text from its loopback listener, or None (unreachable, not 200, too large)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("GET", path, headers={"Accept": "text/plain"})
+        response = conn.getresponse()
+        data = response.read(MAX_UPSTREAM_METRICS_BYTES + 1)
+        if response.status != 200 or len(data) > MAX_UPSTREAM_METRICS_BYTES:
+            log.warning("TorchServe's metrics: HTTP %d, %d bytes", response.status, len(data))
+            return None
+        text = data.decode("utf-8")
+    except (OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
+        log.warning("TorchServe's metrics unavailable: %r", exc)
+        return None
+    finally:
+        conn.close()
+    return text if not text or text.endswith("\n") else text + "\n"
 
 
 # ---- sockets: deadlines, graceful close ----------------------------------------------------------------------
@@ -373,24 +549,38 @@ HEADERS_TOO_LARGE = _raw_response(431, f"request line and headers exceed {MAX_HE
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
-    """One thread per connection, at most ``max_inflight`` of them; the rest are answered 503 right away."""
+    """One thread per connection, at most ``max_inflight`` of them; the rest are answered 503 right away.
+
+    The inference listener by default; with ``handler=MetricsHandler`` (and its own small ``max_inflight``) the
+    metrics listener, sharing the inference listener's ``metrics``."""
 
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], settings: Settings) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        settings: Settings,
+        metrics: EdgeMetrics | None = None,
+        handler: type[ProxyHandler] | None = None,
+        max_inflight: int | None = None,
+    ) -> None:
         self.settings = settings
-        self.token = TokenFile(settings.token_file, settings.token_refresh_s)
-        self.slots = threading.BoundedSemaphore(settings.max_inflight)
-        self.linger = _Linger(LINGER_S, capacity=4 * settings.max_inflight + 16)
+        self.token = None if settings.token_file is None else TokenFile(settings.token_file, settings.token_refresh_s)
+        self.metrics = metrics or EdgeMetrics(settings.model_version, settings.hostname, settings.model_name)
+        slots = max_inflight or settings.max_inflight
+        self.slots = threading.BoundedSemaphore(slots)
+        self.linger = _Linger(LINGER_S, capacity=4 * slots + 16)
         try:
-            super().__init__(address, ProxyHandler)
+            super().__init__(address, handler or ProxyHandler)
         except BaseException:
             self.linger.stop()
             raise
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
+            if self.RequestHandlerClass is ProxyHandler:
+                self.metrics.busy()
             if isinstance(request, socket.socket):
                 try:
                     request.setblocking(False)
@@ -450,6 +640,7 @@ class _ClientGone(Exception):
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     _expect_continue = False
+    _status: int | None = None  # the final status sent for the current request (for the edge metrics)
 
     @property
     def proxy(self) -> ProxyServer:
@@ -484,8 +675,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def forward(self) -> None:
+        """One request, its headers read: checked, forwarded, answered; timed unless it is /ping."""
+        started = time.monotonic()
+        self._status = None
         try:
-            if not self._is_ping() and not self.proxy.token.matches(self._credential()):
+            self._admit_and_forward()
+        finally:
+            if self._status is not None and not self._is_ping():
+                self.proxy.metrics.observe(model_name(self.path), self._status, time.monotonic() - started)
+
+    def _admit_and_forward(self) -> None:
+        token = self.proxy.token
+        try:
+            if token is not None and not self._is_ping() and not token.matches(self._credential()):
                 raise _Reject(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             length = self._body_length()
         except _Reject as reject:
@@ -555,11 +757,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _forward(self, length: int | None) -> None:
         settings = self.proxy.settings
-        try:
-            key = torchserve_key(settings.run_dir)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._reject(_Reject(503, f"TorchServe key unavailable: {type(exc).__name__}"))
-            return
+        key: str | None = None
+        if self.proxy.token is not None:  # TorchServe's token authorization is on: the pod's key goes along
+            try:
+                key = torchserve_key(settings.run_dir or "")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._reject(_Reject(503, f"TorchServe key unavailable: {type(exc).__name__}"))
+                return
         conn = http.client.HTTPConnection("127.0.0.1", settings.upstream_port, timeout=settings.upstream_timeout_s)
         response: http.client.HTTPResponse | None = None
         try:
@@ -567,7 +771,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 conn.putrequest(self.command, self.path, skip_accept_encoding=True)
                 for k, v in self._upstream_headers():
                     conn.putheader(k, v)
-                conn.putheader("Authorization", "Bearer " + key)
+                if key is not None:
+                    conn.putheader("Authorization", "Bearer " + key)
                 if length is None:
                     conn.putheader("Transfer-Encoding", "chunked")
                 elif length or self.headers.get("Content-Length") is not None:
@@ -669,6 +874,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Streams TorchServe's response back: its length when it gave one, else chunked (or until close)."""
         named = {t.strip().lower() for t in (response.getheader("Connection") or "").split(",")}
         self.send_response_only(response.status, response.reason)
+        self._status = response.status
         for k, v in response.getheaders():
             if k.lower() not in HOP and k.lower() not in named:
                 self.send_header(k, v)
@@ -707,6 +913,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _reject(self, reject: _Reject) -> None:
         """A final error response, then the connection closes (an unread body may follow the headers)."""
         data = json.dumps({"code": reject.status, "message": reject.message}).encode()
+        self._status = reject.status
         try:
             self.send_response_only(reject.status)
             self.send_header("Content-Type", "application/json")
@@ -721,9 +928,46 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+class MetricsHandler(ProxyHandler):
+    """The metrics listener: ``GET /metrics`` is TorchServe's metrics text followed by the proxy's own."""
+
+    def scrape(self) -> None:
+        self._status = None
+        try:
+            if self.command != "GET":
+                raise _Reject(405, "only GET", {"Allow": "GET"})
+            if self.path.partition("?")[0] != "/metrics":
+                raise _Reject(404, "only /metrics is served here")
+            if self._body_length() != 0:
+                raise _Reject(400, "a scrape has no body")
+        except _Reject as reject:
+            self._reject(reject)
+            return
+        settings, upstream_up, text = self.proxy.settings, None, ""
+        if settings.upstream_metrics_port is not None:
+            # The query string (e.g. TorchServe's name[] filter) goes along; the proxy's own metrics always follow.
+            fetched = upstream_metrics(settings.upstream_metrics_port, self.path, UPSTREAM_METRICS_TIMEOUT_S)
+            upstream_up, text = fetched is not None, fetched or ""
+        data = (text + self.proxy.metrics.render(upstream_up)).encode("utf-8")
+        self.send_response_only(200)
+        self.send_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = scrape
+
+
 def serve(address: tuple[str, int], settings: Settings) -> ProxyServer:
     """A bound, listening proxy; call ``serve_forever`` (and ``shutdown``/``server_close``) on it."""
     return ProxyServer(address, settings)
+
+
+def serve_metrics(address: tuple[str, int], proxy: ProxyServer) -> ProxyServer:
+    """The metrics listener of ``proxy`` (its own slots: a scrape never waits for an inference slot)."""
+    return ProxyServer(address, proxy.settings, proxy.metrics, MetricsHandler, METRICS_MAX_INFLIGHT)
 
 
 def main() -> None:
@@ -731,18 +975,45 @@ def main() -> None:
     try:
         settings = Settings.from_env(os.environ)
         port = int(os.environ["FLOWNEXUS_PROXY_PORT"])
+        metrics_port = int(os.environ.get("FLOWNEXUS_METRICS_PORT") or 0)
+        drain_s = float(os.environ.get(ENV_DRAIN_S) or 0)
     except KeyError as exc:
         sys.exit(f"auth proxy: {exc.args[0]} is not set")
     except ValueError as exc:
         sys.exit(f"auth proxy: {exc}")
     server = serve(("0.0.0.0", port), settings)
+    servers = [server]
+    if metrics_port:
+        servers.append(serve_metrics(("0.0.0.0", metrics_port), server))
+        threading.Thread(target=servers[1].serve_forever, name="metrics", daemon=True).start()
     log.info(
-        "listening on :%d for 127.0.0.1:%d; body <= %d bytes, <= %d in flight, headers within %gs, body within %gs",
-        port, settings.upstream_port, settings.max_body_bytes, settings.max_inflight, settings.header_timeout_s,
-        settings.client_timeout_s,
+        "listening on :%d for 127.0.0.1:%d (%s); body <= %d bytes, <= %d in flight, headers within %gs, body within "
+        "%gs; metrics on :%s; ModelVersion %r",
+        port, settings.upstream_port, "token required" if server.token else "no token", settings.max_body_bytes,
+        settings.max_inflight, settings.header_timeout_s, settings.client_timeout_s, metrics_port or "-",
+        settings.model_version,
     )  # fmt: skip
-    server.token.current()  # logs whether a token is there, never the token
+    if server.token is not None:
+        server.token.current()  # logs whether a token is there, never the token
+
+    def stop() -> None:
+        time.sleep(drain_s)  # keep answering while the pod's endpoint is removed
+        for s in servers:
+            s.shutdown()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        log.info("SIGTERM: serving %gs more, then finishing what is in flight", drain_s)
+        threading.Thread(target=stop, name="stop", daemon=True).start()
+
+    # As PID 1 without a handler, SIGTERM would be ignored and the pod would wait for SIGKILL.
+    signal.signal(signal.SIGTERM, on_sigterm)
     server.serve_forever()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for _ in range(settings.max_inflight):  # every slot free again: nothing in flight
+        if not server.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            break
+    for s in servers:
+        s.server_close()
 
 
 if __name__ == "__main__":
