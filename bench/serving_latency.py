@@ -47,6 +47,8 @@ from flownexus.modeldeployment.children import (  # noqa: E402
     MANAGEMENT_PORT,
     METRICS_PORT,
     SERVE_ROOT,
+    UPSTREAM_INFERENCE_PORT,
+    UPSTREAM_METRICS_PORT,
     ServingContext,
     build_config_map,
 )
@@ -134,7 +136,12 @@ class TorchServe:
         srv = work / "srv"
         for sub in ("model-store", "conf", "run", "templates"):
             (srv / sub).mkdir(parents=True)
-        self.ports = {port: free_port() for port in (INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT)}
+        # TorchServe listens on the upstream (loopback) ports in the pod, behind the edge proxy; the bench talks
+        # to TorchServe directly (the proxy's own cost is in bench/analysis_latency.py).
+        self.ports = {
+            port: free_port()
+            for port in (INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, UPSTREAM_INFERENCE_PORT, UPSTREAM_METRICS_PORT)
+        }
         for key, value in build_config_map(context(batch, delay))["data"].items():
             if key == "config.properties":
                 value = value.replace(SERVE_ROOT, str(srv))
@@ -168,7 +175,7 @@ class TorchServe:
                 self.close()
                 raise RuntimeError(f"TorchServe did not get ready; see {work / 'torchserve.log'}")
             time.sleep(1)
-        self.url = f"http://127.0.0.1:{self.ports[INFERENCE_PORT]}/predictions/digits"
+        self.url = f"http://127.0.0.1:{self.ports[UPSTREAM_INFERENCE_PORT]}/predictions/digits"
 
     def close(self) -> None:
         kill_group(self.proc)

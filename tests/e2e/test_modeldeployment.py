@@ -622,6 +622,88 @@ def test_a_serving_template_change_is_a_canary_a_failing_custom_metric_rolls_bac
     assert queries_without_data(serving.prometheus, serving.namespace, MD) == []
 
 
+def test_keda_scales_the_stable_deployment_on_request_rate_and_the_hpa_comes_back_without_it(
+    serving: Serving,
+) -> None:
+    """spec.autoscaling.targetRequestsPerSecond: the operator swaps its HPA for a KEDA ScaledObject whose Prometheus
+    trigger reads the requests per second the stable pods' edge proxies count; KEDA (built and run in the local
+    cluster) scales the stable Deployment 1 -> 2 under a load that leaves the CPU target far away. Unsetting the
+    field gives the operator's own HPA back and deletes the ScaledObject."""
+    ns, cluster = serving.namespace, serving.cluster
+    target_rps = 3
+    patch_md(
+        serving,
+        {"spec": {"autoscaling": {"targetRequestsPerSecond": target_rps, "targetCpuUtilization": 100,
+                                  "scaleDownStabilization": "0s", "scaleUpStabilization": "0s"}}},
+    )  # fmt: skip
+
+    def keda_in_charge() -> bool:
+        st = serving.status()
+        cond = {c["type"]: c for c in st.get("conditions") or []}.get("RequestRateAutoscaling") or {}
+        if cond.get("status") != "True":
+            return False
+        done = cluster.kubectl("-n", ns, "get", "scaledobject", f"{MD}-stable", "-o", "json", check=False)
+        if done.returncode != 0:
+            return False
+        so = json.loads(done.stdout)
+        ready = {c["type"]: c.get("status") for c in (so.get("status") or {}).get("conditions") or []}
+        own_hpa = cluster.kubectl("-n", ns, "get", "hpa", f"{MD}-stable", check=False).returncode == 0
+        return ready.get("Ready") == "True" and not own_hpa
+
+    try:
+        wait_until("the ScaledObject Ready and the operator's HPA gone", keda_in_charge, 180, interval=3)
+    except pytest.fail.Exception:
+        pytest.fail(
+            "KEDA did not take over\n"
+            + cluster.kubectl("-n", ns, "get", "scaledobject,hpa", "-o", "yaml", check=False).stdout[-4000:]
+            + serving.diagnostics()
+        )
+    so = cluster.get("-n", ns, "scaledobject", f"{MD}-stable")
+    prom = next(t for t in so["spec"]["triggers"] if t["type"] == "prometheus")
+    assert prom["metadata"]["serverAddress"] == serving.prometheus
+    assert float(prom["metadata"]["threshold"]) == target_rps
+    keda_hpa = cluster.get("-n", ns, "hpa", f"{MD}-stable-keda")
+    assert [o["kind"] for o in keda_hpa["metadata"]["ownerReferences"]] == ["ScaledObject"]
+
+    def replicas() -> int:
+        return int(cluster.get("-n", ns, "deploy", f"{MD}-stable")["spec"].get("replicas", 0))
+
+    # Idle: KEDA's HPA brings the stable track down to minReplicas (the earlier CPU test left it at 2).
+    wait_until("an idle stable track at 1 replica", lambda: replicas() == 1, 240, interval=3)
+    url = f"{serving.service_url()}/predictions/{MD}"
+    started = time.monotonic()
+    # About 4 x 1 / (latency + 0.25 s) ~ 10-15 requests per second: well above 3 per pod, far below the CPU target.
+    with Load(url, threads=4, pause_s=0.25, max_seconds=300) as load:
+        try:
+            wait_until("KEDA to scale the stable Deployment to 2", lambda: replicas() >= 2, 240, interval=3)
+        except pytest.fail.Exception:
+            pytest.fail(
+                "no scale-up on request rate\n"
+                + cluster.kubectl("-n", ns, "describe", "hpa", f"{MD}-stable-keda", check=False).stdout
+            )
+        scaled_after = time.monotonic() - started
+        keda_hpa = cluster.get("-n", ns, "hpa", f"{MD}-stable-keda")
+    metrics = keda_hpa["status"].get("currentMetrics") or []
+    external = [m for m in metrics if m["type"] == "External"]
+    print(f"\n[figure] KEDA: load on -> stable scaled 1 -> 2 on request rate: {scaled_after:.0f} s; "
+          f"load {load.summary()}; metrics {metrics}")  # fmt: skip
+    assert external, metrics
+    assert not load.failures(), load.failures()[:3]
+
+    # Back to the operator's own HPA: the ScaledObject (and KEDA's HPA with it) goes.
+    cluster.kubectl(
+        "-n", ns, "patch", "mdep", MD, "--type=json",
+        "-p", json.dumps([{"op": "remove", "path": "/spec/autoscaling/targetRequestsPerSecond"}]),
+    )  # fmt: skip
+
+    def hpa_back() -> bool:
+        gone = cluster.kubectl("-n", ns, "get", "scaledobject", f"{MD}-stable", check=False).returncode != 0
+        own = cluster.kubectl("-n", ns, "get", "hpa", f"{MD}-stable", check=False).returncode == 0
+        return gone and own
+
+    wait_until("the operator's HPA back and the ScaledObject gone", hpa_back, 120, interval=3)
+
+
 def test_argo_cd_health_check_reads_healthy_at_the_end(serving: Serving) -> None:
     if LUA is None:
         missing("lua5.1 is not installed (apt-get install lua5.1)")
