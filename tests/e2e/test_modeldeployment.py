@@ -569,7 +569,7 @@ def patch_md(serving: Serving, body: dict[str, Any]) -> None:
     serving.cluster.kubectl("-n", serving.namespace, "patch", "mdep", MD, "--type=merge", "-p", json.dumps(body))
 
 
-def test_a_serving_template_change_is_a_canary_a_failing_custom_metric_rolls_back_and_the_plugin_retries_and_promotes(
+def test_a_template_canary_rolls_back_on_a_custom_metric_and_the_plugin_retries_pauses_resumes_promotes(
     serving: Serving,
 ) -> None:
     serving.wait("Available at 2.0.0", available_at("2.0.0"), timeout=60)
@@ -601,6 +601,18 @@ def test_a_serving_template_change_is_a_canary_a_failing_custom_metric_rolls_bac
         retried = plugin(serving, "retry", MD)
         assert retried.returncode == 0, retried.stderr
         serving.wait("the retried canary", lambda st: st.get("phase") == "Canary")
+        # Paused, the canary holds its step (not analysed, not stepped) for more than two intervals, with traffic.
+        paused = plugin(serving, "pause", MD)
+        assert paused.returncode == 0, paused.stderr
+        serving.wait("the canary held", lambda st: st.get("reason") == "Paused", timeout=60)
+        held = serving.status()["canary"]
+        time.sleep(2 * INTERVAL_S + 10)
+        st = serving.status()
+        assert st["phase"] == "Canary" and st["reason"] == "Paused", st
+        assert (st["canary"]["step"], st["canary"].get("stepStartedAt")) == (held["step"], held.get("stepStartedAt"))
+        resumed = plugin(serving, "resume", MD)
+        assert resumed.returncode == 0, resumed.stderr
+        serving.wait("the canary resumed", lambda st: st.get("reason") != "Paused" or st.get("phase") != "Canary")
         promoted = plugin(serving, "promote", MD)
         assert promoted.returncode == 0, promoted.stderr
         serving.wait("promotion of the new template", lambda st: bool(available_at("2.0.0")(st)))
