@@ -111,6 +111,8 @@ class EdgePod(TorchServe):
                 self.close()
                 raise RuntimeError(f"the edge proxy did not start; see {work / 'proxy.log'}")
             time.sleep(0.2)
+        # Clients go through the proxy (TorchServe's own listener is the upstream one, as in a pod).
+        self.url = f"http://127.0.0.1:{self.ports[INFERENCE_PORT]}/predictions/{MODEL}"
 
     def close(self) -> None:
         try:
